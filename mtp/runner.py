@@ -1,0 +1,219 @@
+"""One job: a model, a method at a block complexity, a prompt set. AR and the method run on the same
+prompt turns in the same process, interleaved per turn, so speedup is a side-by-side ratio and every
+job checks losslessness. Writes `records.jsonl` (one row per turn, flushed as it goes) and
+`summary.json` into the job's output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from mtp.data import REPO_ROOT, load_questions
+from mtp.loop import Decoder, Drafter, Generation
+from mtp.metrics import summarize
+from mtp.models import chat_ids, load_model
+
+
+class ConfigError(ValueError):
+    """A job's settings are invalid; the message says which and what is allowed."""
+
+
+def validate(cfg) -> None:
+    """Checks that need no model, run before anything is loaded."""
+    for key in ("bc", "max_new_tokens"):
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{key}={v!r} must be an integer (e.g. {key}=30)")
+    if cfg.bc < 1:
+        raise ConfigError(f"bc={cfg.bc}: the block complexity (tokens per forward) must be >= 1")
+    if cfg.max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be > 0")
+    if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
+        raise ConfigError(f"temperature={cfg.temperature!r} must be a number >= 0 (0 = greedy)")
+
+
+def build_drafter(cfg) -> Drafter:
+    """The method's drafter from `cfg.method` (`_target_` = class, other keys = its arguments)."""
+    from hydra.utils import get_class
+
+    params = OmegaConf.to_container(cfg.method, resolve=True)
+    params.pop("name", None)
+    cls = get_class(params.pop("_target_"))
+    drafter = cls(**params)
+    if cfg.bc < drafter.min_bc:
+        raise ConfigError(f"bc={cfg.bc} is below method {cfg.method.name}'s minimum block complexity {drafter.min_bc}")
+    return drafter
+
+
+def environment(model) -> dict:
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        device_name = torch.cuda.get_device_name(dev)
+    else:
+        device_name = platform.processor() or platform.machine()
+        try:
+            cpu = [line for line in open("/proc/cpuinfo") if line.startswith("model name")]
+            device_name = cpu[0].split(":", 1)[1].strip() if cpu else device_name
+        except OSError:
+            pass
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip())
+    except OSError:
+        git, dirty = "", False
+    import transformers
+
+    return {
+        "git": git or "unknown",
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(dev),
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def first_difference(model, prompt_ids: list[int], ids: list[int], ar_ids: list[int]) -> dict | None:
+    """First position where a method's output leaves AR's (a length difference counts), with the
+    top-2 logit gap of the model at that position (a near-tie shows as a tiny gap)."""
+    n = min(len(ids), len(ar_ids))
+    pos = next((i for i in range(n) if ids[i] != ar_ids[i]), None)
+    if pos is None:
+        if len(ids) == len(ar_ids):
+            return None
+        pos = n
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + ar_ids[:pos]], device=device)).logits[0, -1].float()
+    top2 = torch.topk(logits, 2)
+    return {
+        "position": pos,
+        "method_token": ids[pos] if pos < len(ids) else None,
+        "ar_token": ar_ids[pos] if pos < len(ar_ids) else None,
+        "top2_tokens": top2.indices.tolist(),
+        "top2_gap": float(top2.values[0] - top2.values[1]),
+    }
+
+
+def _gen_fields(g: Generation, prefix: str = "") -> dict:
+    return {
+        f"{prefix}ids": g.new_ids,
+        f"{prefix}new_tokens": len(g.new_ids),
+        f"{prefix}stop": g.stop,
+        f"{prefix}decode_calls": g.decode_calls,
+        f"{prefix}prefill_calls": g.prefill_calls,
+        f"{prefix}decode_committed": sum(g.committed_per_step),
+        f"{prefix}tokens_fed_max": g.tokens_fed_max,
+        f"{prefix}tokens_fed_mean": g.tokens_fed_mean,
+        f"{prefix}accept_hist": g.accept_hist,
+        f"{prefix}wall_s": g.wall_s,
+    }
+
+
+def run_job(cfg, out_dir: Path) -> dict:
+    """Run the job described by `cfg` into `out_dir`; returns the summary (also written to disk)."""
+    validate(cfg)
+    questions = load_questions(cfg.task)
+    drafter = build_drafter(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(cfg.model)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    decoder = Decoder(model, sorted(i for i in eos_ids if i is not None), cfg.temperature, cfg.seed)
+    ar = Drafter()
+    thinking = cfg.model.get("thinking")
+
+    def prompt(messages):
+        return chat_ids(tok, messages, thinking)
+
+    if cfg.warmup:  # one short generation of each kind, excluded from timing and records
+        warm = prompt([{"role": "user", "content": questions[0].turns[0]}])
+        drafter.setup(model)
+        decoder.generate(ar, warm, 4)
+        decoder.generate(drafter, warm, 4)
+    drafter.setup(model)  # job-level drafter state starts clean after the warm-up
+
+    records = []
+    n_turns = sum(len(q.turns) for q in questions)
+    bar = tqdm(total=n_turns, desc=f"{cfg.model.name} {cfg.method.name} bc={cfg.bc}", unit="turn", file=sys.stderr)
+    with open(out_dir / "records.jsonl", "w") as f:
+        for q in questions:
+            history, ar_history = [], []  # each decoder continues its own conversation
+            for turn, text in enumerate(q.turns):
+                history.append({"role": "user", "content": text})
+                ids = prompt(history)
+                rec = {"question_id": q.question_id, "category": q.category, "task": q.task, "turn": turn,
+                       "prompt_tokens": len(ids), "method": cfg.method.name, "bc": cfg.bc}
+                if cfg.compare_ar:
+                    ar_history.append({"role": "user", "content": text})
+                    ar_ids_prompt = prompt(ar_history)
+                    g_ar = decoder.generate(ar, ar_ids_prompt, cfg.max_new_tokens)
+                g = decoder.generate(drafter, ids, cfg.max_new_tokens)
+                rec |= _gen_fields(g)
+                if cfg.compare_ar:
+                    rec |= _gen_fields(g_ar, "ar_")
+                    if ids != ar_ids_prompt:
+                        diff = {"position": None, "reason": "prompt differs (an earlier turn diverged)"}
+                    else:
+                        diff = first_difference(model, ids, g.new_ids, g_ar.new_ids)
+                    rec["matches_ar"] = diff is None
+                    rec["first_diff"] = diff
+                    ar_history.append({"role": "assistant", "content": tok.decode(g_ar.new_ids, skip_special_tokens=True)})
+                history.append({"role": "assistant", "content": tok.decode(g.new_ids, skip_special_tokens=True)})
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                records.append(rec)
+                bar.update(1)
+                s = summarize(records)
+                bar.set_postfix(tau=f"{s['tau'] or 0:.2f}", **({"lossless": s["lossless"]} if cfg.compare_ar else {}))
+    bar.close()
+
+    summary = summarize(records)
+    summary |= {
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "task": cfg.task.name,
+        "bc": cfg.bc,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "environment": environment(model),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out_dir / "summary.json")
+    return summary
+
+
+def format_summary(s: dict, out_dir: Path) -> str:
+    def f(v, spec=".3f"):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [
+        f"== {s['model']} · {s['method']} · bc={s['bc']} · {s['task']} ({s['n_prompts']} prompts, {s['n_turns']} turns, "
+        f"max_new_tokens={s['max_new_tokens']}, T={s['temperature']})",
+        f"  tau (tokens/step)     {f(s['tau'])}",
+        f"  speedup vs AR         {f(s['speedup'])}" + ("" if s["compared_with_ar"] else "  (compare_ar=false: not measured side by side)"),
+        f"  tokens/s              {f(s['tokens_per_s'], '.1f')}   (AR {f(s['ar_tokens_per_s'], '.1f')})",
+        f"  decode calls          {s['decode_calls']}   (AR {s.get('ar_decode_calls', 'n/a')}, reduction {f(s['call_reduction'])})",
+        f"  tokens per forward    max {s['max_tokens_per_forward']}, mean {f(s['mean_tokens_per_forward'], '.1f')}",
+        f"  accepted per step     {s['accept_hist']}",
+        f"  lossless              {s['lossless']}" + (f"  ({s['n_mismatches']} turns differ; see records.jsonl first_diff)" if s.get("n_mismatches") else ""),
+        f"  per task tau          " + ", ".join(f"{k} {f(v, '.2f')}" for k, v in s["per_task_tau"].items()),
+        f"  device                {s['environment']['device_name']} ({s['environment']['dtype']}, torch {s['environment']['torch']})",
+        f"  output                {out_dir}",
+    ]
+    return "\n".join(lines)

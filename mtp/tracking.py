@@ -1,0 +1,29 @@
+"""Weights & Biases logging of one job. Offline by default (no account needed; `wandb sync` later),
+`wandb.mode=disabled` skips it; wandb is imported only when used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+SCALARS = ("tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "call_reduction",
+           "new_tokens", "max_tokens_per_forward", "mean_tokens_per_forward")
+
+
+def log_job(cfg, summary: dict, out_dir: Path) -> None:
+    if cfg.wandb.mode == "disabled":
+        return
+    import wandb
+
+    name = f"{cfg.model.name}-{cfg.method.name}-bc{cfg.bc}"
+    # one run per job: `with` finishes it, so a multirun never reuses the first job's run
+    with wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, name=name, mode=cfg.wandb.mode,
+                    dir=str(out_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous") as run:
+        task = cfg.task.name
+        scalars = {f"{task}/{k}": summary[k] for k in SCALARS if summary.get(k) is not None}
+        scalars |= {f"{t}/tau": v for t, v in summary["per_task_tau"].items() if v is not None}
+        if summary.get("lossless") is not None:
+            scalars[f"{task}/lossless"] = int(summary["lossless"])
+        run.log(scalars)
+        run.summary.update(scalars)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models (inline configs from conf/model/tiny_*.yaml) and the real default model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mtp.models import chat_ids, load_model
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+PROMPTS = [
+    "Write a short poem about the sea and the sea and the sea.",
+    "List the numbers from one to ten: one, two, three,",
+    "What is the capital of France? Answer in one word.",
+]
+
+
+def compose_cfg(overrides=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session", params=["tiny_llama", "tiny_qwen3"])
+def tiny(request):
+    """(model, tokenizer, prompts as ids) of a tiny random model, fp32 on CPU."""
+    cfg = compose_cfg([f"model={request.param}"])
+    model, tok = load_model(cfg.model)
+    return model, tok, [chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    cfg = compose_cfg(["model=smollm2_135m"])
+    model, tok = load_model(cfg.model)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return model, tok, [chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]

@@ -1,0 +1,48 @@
+"""Spec-Bench-format loading: the shared file, subsets, and malformed input named by file and line."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from mtp.data import SHARED_SPEC_BENCH, TASKS, DataError, load_questions, read_questions
+
+from .conftest import compose_cfg
+
+
+@pytest.mark.skipif(not SHARED_SPEC_BENCH.is_file(), reason="shared Spec-Bench copy not beside the repo")
+def test_spec_bench_tasks_and_subsets():
+    qs = load_questions(compose_cfg(["task=spec_bench"]).task)
+    assert len(qs) == 480 and {q.task for q in qs} == set(TASKS)
+    mini = load_questions(compose_cfg([]).task)  # the default job's subset
+    assert len(mini) == 13 and len({q.category for q in mini}) == 13
+    mt = load_questions(compose_cfg(["task=mt_bench", "task.per_category=2"]).task)
+    assert len(mt) == 16 and all(len(q.turns) == 2 for q in mt)
+    assert len(load_questions(compose_cfg(["task=qa", "task.limit=5"]).task)) == 5
+
+
+def _task(path, **kw):
+    return OmegaConf.create({"name": "x", "path": str(path), "categories": None, "per_category": None, "limit": None} | kw)
+
+
+def test_any_jsonl_in_the_format(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"q{i}"]}) for i in range(3)))
+    assert [q.turns for q in load_questions(_task(p))] == [["q0"], ["q1"], ["q2"]]
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", r"bad\.jsonl:2: not valid JSON"),
+    ('{"question_id": 1, "turns": ["a"]}', r"bad\.jsonl:2: .*missing \['category'\]"),
+    ('{"question_id": 1, "category": "c", "turns": []}', r"bad\.jsonl:2: 'turns' must be"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"question_id": 0, "category": "c", "turns": ["ok"]}) + "\n" + line + "\n")
+    with pytest.raises(DataError, match=message):
+        read_questions(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="prompt file not found"):
+        load_questions(_task(tmp_path / "nope.jsonl"))

@@ -1,0 +1,129 @@
+"""The decode loop: AR equals transformers' greedy generate, a tree forward equals sequential decoding,
+KV compaction equals the cache of the accepted path, counters are exact."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from mtp.loop import Block, Decoder, Drafter, _keep_rows, tree_block, tree_layout
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_ar_equals_generate_tiny(tiny):
+    model, tok, prompts = tiny
+    dec = Decoder(model, tok.eos_token_id)
+    for ids in prompts:
+        g = dec.generate(Drafter(), ids, 40)
+        assert g.new_ids == hf_greedy(model, ids, 40)
+
+
+@pytest.mark.slow
+def test_ar_equals_generate_smollm2(smollm2):
+    model, tok, prompts = smollm2
+    dec = Decoder(model, tok.eos_token_id)
+    for ids in prompts[:2]:
+        g = dec.generate(Drafter(), ids, 24)
+        ref = hf_greedy(model, ids, 24)
+        assert g.new_ids == ref, (tok.decode(g.new_ids), tok.decode(ref))
+
+
+def test_ar_counters_exact(tiny):
+    model, tok, prompts = tiny
+    g = Decoder(model, eos_ids=[]).generate(Drafter(), prompts[0], 25)  # no EOS: runs to the budget
+    assert len(g.new_ids) == 25 and g.stop == "max_new_tokens"
+    # the prefill yields the first token; each decode forward commits exactly one more
+    assert g.prefill_calls == 1 and g.decode_calls == 24 and g.prefill_calls + g.decode_calls == len(g.new_ids)
+    assert g.committed_per_step == [1] * 24 and g.accept_hist == {1: 24}
+    assert g.tokens_fed_max == 1 and g.tokens_fed_mean == 1.0
+
+
+# a hand-built tree: 3 branches under the root, depth 4 on the first, 3 on the second
+PARENTS = [-1, 0, 0, 0, 1, 1, 2, 4, 6, 7]
+
+
+def _prefill(model, ids):
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _path(parents, i):
+    out = []
+    while i >= 0:
+        out.append(i)
+        i = parents[i]
+    return out[::-1]
+
+
+def test_tree_layout():
+    depth, allowed = tree_layout(PARENTS)
+    assert depth.tolist() == [0, 1, 1, 1, 2, 2, 2, 3, 3, 4]
+    for i in range(len(PARENTS)):
+        assert set(allowed[i].nonzero().flatten().tolist()) == set(_path(PARENTS, i))
+
+
+def test_tree_forward_equals_sequential(tiny):
+    model, tok, prompts = tiny
+    prompt = prompts[1]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (len(PARENTS),), generator=g).tolist()
+    block = tree_block(tokens, PARENTS)
+    dec = Decoder(model, tok.eos_token_id)
+    cache = _prefill(model, prompt)
+    with torch.inference_mode():
+        tree_logits = dec._forward(block, cache, len(prompt))
+        for i in range(len(PARENTS)):
+            seq = prompt + [tokens[j] for j in _path(PARENTS, i)]
+            ref = model(torch.tensor([seq])).logits[0, -1].float()
+            torch.testing.assert_close(tree_logits[i], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_compaction_equals_accepted_path_cache(tiny):
+    model, tok, prompts = tiny
+    prompt = prompts[0]
+    tokens = list(range(10, 10 + len(PARENTS)))
+    dec = Decoder(model, tok.eos_token_id)
+    for accepted in ([0, 2, 6, 8], [0, 1, 4, 7, 9], [0], [0, 3]):
+        cache = _prefill(model, prompt)
+        with torch.inference_mode():
+            dec._forward(tree_block(tokens, PARENTS), cache, len(prompt))
+        _keep_rows(cache, len(prompt), accepted)
+        ref = _prefill(model, prompt + [tokens[i] for i in accepted])
+        assert cache.get_seq_length() == len(prompt) + len(accepted)
+        for layer, ref_layer in zip(cache.layers, ref.layers, strict=True):
+            torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.values, ref_layer.values, atol=1e-5, rtol=1e-5)
+
+
+class OracleDrafter(Drafter):
+    """Proposes a tree whose first branch is the true greedy continuation (from a reference run),
+    with decoys beside it, so verification must accept several tokens per step."""
+
+    def __init__(self, reference: list[int], prompt_len: int, depth: int = 3):
+        self.reference, self.prompt_len, self.depth = reference, prompt_len, depth
+
+    def propose(self, tokens):
+        done = len(tokens) - self.prompt_len
+        truth = self.reference[done:done + self.depth]
+        ids, parents = [tokens[-1]], [-1]
+        for d, t in enumerate(truth):  # chain of truths, each with a wrong sibling
+            parent = 0 if d == 0 else len(ids) - 2
+            ids += [t, (t + 1) % 200]
+            parents += [parent, parent]
+        return tree_block(ids, parents)
+
+
+def test_tree_steps_commit_several_and_stay_exact(tiny):
+    model, tok, prompts = tiny
+    dec = Decoder(model, eos_ids=[])
+    for ids in prompts:
+        ref = dec.generate(Drafter(), ids, 30).new_ids
+        g = dec.generate(OracleDrafter(ref, len(ids)), ids, 30)
+        assert g.new_ids == ref
+        assert max(g.committed_per_step) == 4  # 3 accepted drafts + the bonus
+        assert sum(g.committed_per_step) == 29 and g.tokens_fed_max == 7

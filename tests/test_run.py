@@ -1,0 +1,47 @@
+"""run.py end to end in subprocesses: one job and one Hydra multirun on tiny models."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD_KEYS = {"question_id", "category", "task", "turn", "ids", "new_tokens", "decode_calls", "tokens_fed_max",
+               "tokens_fed_mean", "accept_hist", "wall_s", "ar_wall_s", "matches_ar", "first_diff"}
+SUMMARY_KEYS = {"tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "call_reduction", "new_tokens",
+                "max_tokens_per_forward", "lossless", "n_prompts", "config", "environment"}
+
+
+def run(args, tmp_path):
+    return subprocess.run([sys.executable, "run.py", *args, "wandb.mode=disabled"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_one_job_writes_records_and_summary(tmp_path):
+    out = tmp_path / "job"
+    p = run(["model=tiny_llama", "task=mt_bench", "task.limit=2", "max_new_tokens=12", f"hydra.run.dir={out}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 4  # 2 questions x 2 turns
+    for r in records:
+        assert RECORD_KEYS <= set(r) and r["matches_ar"] and r["new_tokens"] <= 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["tau"] == 1.0 and summary["lossless"] is True and summary["n_prompts"] == 2
+    assert summary["environment"]["torch"] and summary["config"]["model"]["name"] == "tiny_llama"
+    assert "tau (tokens/step)" in p.stdout
+
+
+def test_multirun_sweeps_models_and_bc(tmp_path):
+    p = run(["-m", "model=tiny_llama,tiny_qwen3", "bc=10,30", "task.limit=1", "task.categories=[qa]",
+             "max_new_tokens=4", f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 4
+    got = {(json.loads(s.read_text())["model"], json.loads(s.read_text())["bc"]) for s in summaries}
+    assert got == {(m, b) for m in ("tiny_llama", "tiny_qwen3") for b in (10, 30)}
+
+
+def test_bad_setting_fails_before_loading(tmp_path):
+    p = run(["model=tiny_llama", "max_new_tokens=0", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert p.returncode == 2 and "error: max_new_tokens=0 must be > 0" in p.stderr
