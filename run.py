@@ -8,7 +8,8 @@ from hydra.core.hydra_config import HydraConfig
 
 from mtp.data import DataError
 from mtp.models import ModelLoadError
-from mtp.runner import ConfigError, format_summary, run_job
+from mtp.errors import ConfigError
+from mtp.runner import format_summary, run_job
 from mtp.tracking import log_job
 
 

@@ -94,7 +94,8 @@ def read_questions(path: Path) -> list[Question]:
 
 
 def load_questions(cfg) -> list[Question]:
-    """Questions of `cfg.path` restricted to `cfg.categories`, then `cfg.per_category`, then `cfg.limit`."""
+    """Questions of `cfg.path` restricted to `cfg.categories`, then `cfg.per_category`, `cfg.per_task`
+    (the first N of each category / task, in file order), then `cfg.limit`."""
     questions = read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
     categories = cfg.get("categories")
     if categories:
@@ -103,14 +104,15 @@ def load_questions(cfg) -> list[Question]:
         if unknown:
             raise DataError(f"task.categories {unknown} not in the file (it has {sorted(known)})")
         questions = [q for q in questions if q.category in set(categories)]
-    if cfg.get("per_category"):
-        seen: dict[str, int] = defaultdict(int)
-        kept = []
-        for q in questions:
-            if seen[q.category] < cfg.per_category:
-                seen[q.category] += 1
-                kept.append(q)
-        questions = kept
+    for key, group in (("per_category", lambda q: q.category), ("per_task", lambda q: q.task)):
+        if cfg.get(key):
+            seen: dict[str, int] = defaultdict(int)
+            kept = []
+            for q in questions:
+                if seen[group(q)] < cfg[key]:
+                    seen[group(q)] += 1
+                    kept.append(q)
+            questions = kept
     if cfg.get("limit"):
         questions = questions[: cfg.limit]
     return questions

@@ -137,8 +137,9 @@ class Decoder:
         self.neg = torch.finfo(self.dtype).min
         self.eos = set(int(e) for e in ([eos_ids] if isinstance(eos_ids, int) else eos_ids))
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        self.temperature = temperature
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.temperature, self.seed = temperature, seed
+        self.generator = torch.Generator(device=self.device)
+        self._local_for, self._local = None, None  # additive form of the last block's `allowed`
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -149,6 +150,9 @@ class Decoder:
         self._sync()
         t0 = time.perf_counter()
         gen = Generation(list(prompt_ids), [], stop="max_new_tokens")
+        # reseeded per generation: a method and AR draw the same samples in the same order, so at T > 0
+        # a lossless method reproduces AR's sampled ids exactly (and hence AR's distribution)
+        self.generator.manual_seed(self.seed)
         cache = DynamicCache(config=self.model.config)
 
         # 1. prefill: prompt (+ the drafter's probe rows, whose KV is dropped afterwards)
@@ -206,8 +210,11 @@ class Decoder:
     def _forward(self, block: Block, cache, cache_len: int) -> torch.Tensor:
         """One forward of `block` on top of `cache`; returns logits (T, V) in fp32."""
         T = block.size
-        local = torch.full((T, T), self.neg, dtype=self.dtype, device=self.device)
-        local.masked_fill_(block.allowed.to(self.device), 0.0)
+        if block.allowed is not self._local_for:  # a static layout is converted once, not every step
+            local = torch.full((T, T), self.neg, dtype=self.dtype, device=self.device)
+            self._local = local.masked_fill_(block.allowed.to(self.device), 0.0)
+            self._local_for = block.allowed
+        local = self._local
         mask = torch.cat([torch.zeros(T, cache_len, dtype=self.dtype, device=self.device), local], dim=1)
         position_ids = (block.depth.to(self.device) + cache_len)[None]
         ids = block.ids.to(self.device)

@@ -18,13 +18,10 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mtp.data import REPO_ROOT, load_questions
+from mtp.errors import ConfigError
 from mtp.loop import Decoder, Drafter, Generation
 from mtp.metrics import summarize
 from mtp.models import chat_ids, load_model
-
-
-class ConfigError(ValueError):
-    """A job's settings are invalid; the message says which and what is allowed."""
 
 
 def validate(cfg) -> None:

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mtp.runner import ConfigError, build_drafter, validate
+from mtp.errors import ConfigError
+from mtp.runner import build_drafter, validate
 
 from .conftest import CONF, compose_cfg
 

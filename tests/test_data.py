@@ -15,14 +15,17 @@ def test_spec_bench_tasks_and_subsets():
     qs = load_questions(compose_cfg(["task=spec_bench"]).task)
     assert len(qs) == 480 and {q.task for q in qs} == set(TASKS)
     mini = load_questions(compose_cfg([]).task)  # the default job's subset
-    assert len(mini) == 13 and len({q.category for q in mini}) == 13
+    assert len(mini) == 6 and {q.task for q in mini} == set(TASKS)
+    per_cat = load_questions(compose_cfg(["task=spec_bench", "task.per_category=1"]).task)
+    assert len(per_cat) == 13 and len({q.category for q in per_cat}) == 13
     mt = load_questions(compose_cfg(["task=mt_bench", "task.per_category=2"]).task)
     assert len(mt) == 16 and all(len(q.turns) == 2 for q in mt)
     assert len(load_questions(compose_cfg(["task=qa", "task.limit=5"]).task)) == 5
 
 
 def _task(path, **kw):
-    return OmegaConf.create({"name": "x", "path": str(path), "categories": None, "per_category": None, "limit": None} | kw)
+    return OmegaConf.create({"name": "x", "path": str(path), "categories": None, "per_category": None,
+                             "per_task": None, "limit": None} | kw)
 
 
 def test_any_jsonl_in_the_format(tmp_path):

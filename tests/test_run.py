@@ -19,7 +19,7 @@ def run(args, tmp_path):
 
 def test_one_job_writes_records_and_summary(tmp_path):
     out = tmp_path / "job"
-    p = run(["model=tiny_llama", "task=mt_bench", "task.limit=2", "max_new_tokens=12", f"hydra.run.dir={out}"], tmp_path)
+    p = run(["model=tiny_llama", "method=ar", "task=mt_bench", "task.limit=2", "max_new_tokens=12", f"hydra.run.dir={out}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 4  # 2 questions x 2 turns
@@ -38,8 +38,10 @@ def test_multirun_sweeps_models_and_bc(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     summaries = sorted(tmp_path.glob("*/summary.json"))
     assert len(summaries) == 4
-    got = {(json.loads(s.read_text())["model"], json.loads(s.read_text())["bc"]) for s in summaries}
-    assert got == {(m, b) for m in ("tiny_llama", "tiny_qwen3") for b in (10, 30)}
+    loaded = [json.loads(s.read_text()) for s in summaries]
+    assert {(s["model"], s["bc"]) for s in loaded} == {(m, b) for m in ("tiny_llama", "tiny_qwen3") for b in (10, 30)}
+    for s in loaded:  # the default method (ESP) fits itself to each bc and stays lossless
+        assert s["method"] == "esp" and s["lossless"] is True and s["max_tokens_per_forward"] <= s["bc"]
 
 
 def test_bad_setting_fails_before_loading(tmp_path):
