@@ -12,8 +12,8 @@ SUMMARY_KEYS = {"tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_cal
                 "max_tokens_per_forward", "lossless", "n_prompts", "config", "environment"}
 
 
-def run(args, tmp_path):
-    return subprocess.run([sys.executable, "run.py", *args, "wandb.mode=disabled"], cwd=ROOT,
+def run(args, tmp_path, wandb="disabled"):
+    return subprocess.run([sys.executable, "run.py", *args, f"wandb.mode={wandb}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -47,3 +47,10 @@ def test_multirun_sweeps_models_and_bc(tmp_path):
 def test_bad_setting_fails_before_loading(tmp_path):
     p = run(["model=tiny_llama", "max_new_tokens=0", f"hydra.run.dir={tmp_path}"], tmp_path)
     assert p.returncode == 2 and "error: max_new_tokens=0 must be > 0" in p.stderr
+
+
+def test_wandb_offline_writes_a_run(tmp_path):
+    p = run(["model=tiny_llama", "task.limit=1", "max_new_tokens=4", f"hydra.run.dir={tmp_path}"], tmp_path, wandb="offline")
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
