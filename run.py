@@ -1,10 +1,13 @@
 """Run one job (or a Hydra multirun of jobs): `python run.py model=smollm2_135m method=esp bc=30`."""
 
+import json
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from mtp.data import DataError
 from mtp.models import ModelLoadError
@@ -15,12 +18,20 @@ from mtp.tracking import log_job
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
     try:
         summary = run_job(cfg, out_dir)
-    except (ConfigError, DataError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        known = isinstance(e, (ConfigError, DataError, ModelLoadError))
+        print(f"error: {e}" if known else traceback.format_exc(), file=sys.stderr)
+        if hc.mode != RunMode.MULTIRUN:
+            sys.exit(2 if known else 1)
+        # in a sweep: record the failure in the job's directory and go on with the next job
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "error.json").write_text(json.dumps(
+            {"error": str(e), "type": type(e).__name__, "traceback": traceback.format_exc()}, indent=2))
+        return
     print(format_summary(summary, out_dir))
     log_job(cfg, summary, out_dir)
 

@@ -1,0 +1,119 @@
+"""The paper's figures from job records (matplotlib, PNG + PDF). Each `plot_*` writes its files and
+returns their paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from experiments.tables import METHOD_LABEL, METHOD_ORDER, TASK_ORDER, ok_runs, per_task_tau  # noqa: E402
+
+COMPARISON_GROUPS = ["fig4", "table1", "table6_calls", "bc120"]
+TASK_LABEL = {"mt_bench": "MT-bench", "translation": "translation", "summarization": "summary", "qa": "QA",
+              "math_reasoning": "math", "rag": "RAG"}
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _methods(df):
+    return [m for m in METHOD_ORDER if m in set(df.method)]
+
+
+def plot_per_task_tau(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """Figure 4/5: τ per Spec-Bench task, one bar per method, one panel per bc (per model)."""
+    data = per_task_tau(runs, COMPARISON_GROUPS)
+    paths = []
+    for model, dm in data.groupby("model") if not data.empty else []:
+        bcs = sorted(dm.bc.unique())
+        methods = _methods(dm)
+        fig, axes = plt.subplots(1, len(bcs), figsize=(5.5 * len(bcs), 4), sharey=True, squeeze=False)
+        x = np.arange(len(TASK_ORDER))
+        width = 0.8 / max(1, len(methods))
+        for ax, bc in zip(axes[0], bcs):
+            for i, m in enumerate(methods):
+                d = dm[(dm.bc == bc) & (dm.method == m)].set_index("task").reindex(TASK_ORDER)
+                ax.bar(x + (i - (len(methods) - 1) / 2) * width, d.tau, width, label=METHOD_LABEL.get(m, m))
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xticks(x, [TASK_LABEL[t] for t in TASK_ORDER], fontsize=9)
+            ax.set_title(f"bc = {bc}")
+            ax.set_xlabel("Spec-Bench task")
+        axes[0][0].set_ylabel("τ (tokens per forward step)")
+        axes[0][-1].legend(fontsize=8, loc="upper right")
+        fig.suptitle(f"Acceptance length per task — {model}")
+        paths += _save(fig, out, f"fig4_per_task_tau_{model}")
+    return paths
+
+
+def plot_vs_bc(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """τ and speedup against bc, one line per method (per model)."""
+    df = ok_runs(runs, COMPARISON_GROUPS)
+    paths = []
+    for model, dm in df.groupby("model") if not df.empty else []:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for m in _methods(dm):
+            d = dm[dm.method == m].sort_values("bc")
+            a1.plot(d.bc, d.tau, "o-", label=METHOD_LABEL.get(m, m))
+            a2.plot(d.bc, d.speedup, "o-", label=METHOD_LABEL.get(m, m))
+        a1.set(xlabel="block complexity (tokens per forward)", ylabel="τ", title="acceptance length")
+        a2.set(xlabel="block complexity (tokens per forward)", ylabel="speedup vs AR (same job)", title="speedup")
+        a2.axhline(1.0, color="grey", lw=0.8, ls="--")
+        a1.legend(fontsize=8)
+        fig.suptitle(model)
+        paths += _save(fig, out, f"tau_speedup_vs_bc_{model}")
+    return paths
+
+
+def plot_accept_hist(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """Share of decode steps committing 1, 2, 3, … tokens, per method (per model and bc)."""
+    df = ok_runs(runs, COMPARISON_GROUPS)
+    paths = []
+    for (model, bc), d in df.groupby(["model", "bc"]) if not df.empty else []:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        methods = _methods(d)
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            hist = {int(k): v for k, v in d[d.method == m].iloc[-1].accept_hist.items()}
+            n = np.arange(1, max(hist) + 1)
+            share = np.array([hist.get(int(k), 0) for k in n]) / sum(hist.values())
+            ax.bar(n + (i - (len(methods) - 1) / 2) * width, share, width, label=METHOD_LABEL.get(m, m))
+        ax.set(xlabel="tokens committed in one step", ylabel="share of decode steps", title=f"{model}, bc = {bc}")
+        ax.legend(fontsize=8)
+        paths += _save(fig, out, f"accept_hist_{model}_bc{bc}")
+    return paths
+
+
+def plot_call_reduction(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """Table 6 as bars: 1 − decode calls / AR decode calls, per method and bc (per model)."""
+    df = ok_runs(runs, COMPARISON_GROUPS)
+    paths = []
+    for model, dm in df.groupby("model") if not df.empty else []:
+        bcs = sorted(dm.bc.unique())
+        methods = _methods(dm)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = np.arange(len(bcs))
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            d = dm[dm.method == m].set_index("bc").reindex(bcs)
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, 100 * d.call_reduction.astype(float), width,
+                   label=METHOD_LABEL.get(m, m))
+        ax.set_xticks(x, [str(b) for b in bcs])
+        ax.set(xlabel="block complexity", ylabel="fewer forward calls than AR (%)", title=model)
+        ax.legend(fontsize=8)
+        paths += _save(fig, out, f"call_reduction_{model}")
+    return paths
+
+
+FIGURES = [plot_per_task_tau, plot_vs_bc, plot_accept_hist, plot_call_reduction]

@@ -1,0 +1,54 @@
+"""Write every table (Markdown + LaTeX) and figure (PNG + PDF) that the results support.
+
+    python -m experiments.report                      # reads results/, writes results/report/
+    python -m experiments.report --results results/table1 --out /tmp/report
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from experiments.figures import FIGURES
+from experiments.results import load_runs
+from experiments.tables import TABLES, conditions, to_latex, to_markdown
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(results: Path, out: Path) -> list[Path]:
+    runs = load_runs(results)
+    if runs.empty:
+        raise SystemExit(f"no job outputs (summary.json / error.json) under {results}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    footer = "Conditions: " + conditions(runs)
+    for name, fn in TABLES.items():
+        df = fn(runs)
+        if df.empty:
+            continue
+        _write(out / f"{name}.md", f"## {name}\n\n" + to_markdown(df, footer))
+        _write(out / f"{name}.tex", to_latex(df, footer))
+        written += [out / f"{name}.md", out / f"{name}.tex"]
+    for plot in FIGURES:
+        written += plot(runs, out / "figures")
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=Path("results"), help="folder searched for job outputs")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
+    args = ap.parse_args()
+    out = args.out or args.results / "report"
+    for p in write_report(args.results, out):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

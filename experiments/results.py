@@ -1,0 +1,76 @@
+"""Load job outputs (`summary.json`, `records.jsonl`, `error.json`) under a results folder into pandas.
+
+Runs are identified by (experiment group, model, method, bc, method options); when a job was run more
+than once, the newest summary wins. Failed jobs (an `error.json` and no summary) are kept with
+status "failed" so tables can say what is missing instead of averaging over it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+SCALARS = ["tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "ar_decode_calls", "call_reduction",
+           "new_tokens", "max_tokens_per_forward", "mean_tokens_per_forward", "lossless", "n_prompts", "n_turns",
+           "max_new_tokens", "temperature", "task"]
+METHOD_OPTIONS = ["k", "widths", "tree", "pruner", "init", "ood_sigmas", "lam", "ema", "impl"]
+
+
+def _job_keys(config: dict) -> dict:
+    method = config.get("method", {})
+    row = {
+        "group": (config.get("wandb") or {}).get("group"),
+        "model": config["model"]["name"],
+        "method": method.get("name"),
+        "bc": config.get("bc"),
+        "dtype": config["model"].get("dtype"),
+    }
+    for key in METHOD_OPTIONS:
+        if key in method:
+            v = method[key]
+            row[f"m_{key}"] = str(v) if isinstance(v, list) else v
+    return row
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    """One row per job under `root`: job keys, summary scalars, environment, status and directory."""
+    rows = []
+    for path in sorted(Path(root).rglob("summary.json")):
+        s = json.loads(path.read_text())
+        env = s.get("environment", {})
+        rows.append(_job_keys(s["config"]) | {k: s.get(k) for k in SCALARS} | {
+            "per_task_tau": s.get("per_task_tau", {}), "accept_hist": s.get("accept_hist", {}),
+            "device_name": env.get("device_name"), "torch": env.get("torch"), "transformers": env.get("transformers"),
+            "git": env.get("git"), "status": "ok", "dir": str(path.parent), "mtime": path.stat().st_mtime})
+    for path in sorted(Path(root).rglob("error.json")):
+        if (path.parent / "summary.json").exists():
+            continue
+        err = json.loads(path.read_text())
+        cfg_file = path.parent / ".hydra" / "config.yaml"
+        keys = {}
+        if cfg_file.exists():
+            from omegaconf import OmegaConf
+
+            keys = _job_keys(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False))
+        rows.append(keys | {"status": "failed", "error": err.get("error"), "dir": str(path.parent),
+                            "mtime": path.stat().st_mtime})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    ident = [c for c in df.columns if c in ("group", "model", "method", "bc") or c.startswith("m_")]
+    df = df.sort_values("mtime").drop_duplicates(subset=ident, keep="last", ignore_index=True)
+    return df
+
+
+def load_records(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every turn record of the successful runs, with the run's keys attached."""
+    frames = []
+    keys = [c for c in runs.columns if c in ("group", "model", "method", "bc") or c.startswith("m_")]
+    for _, run in runs[runs.status == "ok"].iterrows():
+        recs = pd.read_json(Path(run["dir"]) / "records.jsonl", lines=True)
+        for k in keys:
+            recs[k] = run[k]
+        frames.append(recs)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,151 @@
+"""The paper's tables, derived from job records: one function per table, each `runs -> DataFrame`.
+
+Only successful jobs of the table's experiment group are used; failed jobs are listed in the footer,
+never averaged. Columns marked "(paper)" hold the published numbers (experiments/paper.py), blank where
+the paper has none. Speedups (S/R) are AR time / method time measured in the same job.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from experiments import paper
+
+METHOD_ORDER = ["ar", "pld", "stand", "lade", "recycling", "esp", "esp_dynamic", "esp_plus"]
+METHOD_LABEL = {"ar": "AR", "pld": "PLD", "stand": "STAND", "lade": "LADE", "recycling": "Recycling", "esp": "ESP",
+                "esp_dynamic": "ESP-dyn", "esp_plus": "ESP+"}
+TASK_ORDER = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+
+
+def ok_runs(runs: pd.DataFrame, groups: list[str] | None = None) -> pd.DataFrame:
+    if runs.empty:
+        return runs
+    df = runs[runs.status == "ok"]
+    return df[df.group.isin(groups)] if groups is not None else df
+
+
+def _methods(df) -> list[str]:
+    present = list(df.method.unique())
+    return [m for m in METHOD_ORDER if m in present] + sorted(m for m in present if m not in METHOD_ORDER)
+
+
+def table1(runs: pd.DataFrame) -> pd.DataFrame:
+    """τ and S/R per method, rows (model, bc), ours beside the paper's."""
+    df = ok_runs(runs, ["table1"])
+    rows = []
+    for (model, bc), g in df.groupby(["model", "bc"], sort=True):
+        ref = paper.TABLE1.get((model, bc), {})
+        row = {"model": model, "bc": bc}
+        for m in _methods(g):
+            r = g[g.method == m].iloc[-1]
+            label = METHOD_LABEL.get(m, m)
+            row |= {f"{label} τ": r.tau, f"{label} τ (paper)": ref.get(m, (None, None))[0],
+                    f"{label} S/R": r.speedup, f"{label} S/R (paper)": ref.get(m, (None, None))[1]}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_task_tau(runs: pd.DataFrame, groups=("fig4", "table1", "table6_calls", "bc120")) -> pd.DataFrame:
+    """Figure 4/5 data: τ per task for every (model, method, bc)."""
+    df = ok_runs(runs, list(groups))
+    rows = []
+    for _, r in df.iterrows():
+        for task in TASK_ORDER:
+            if task in (r.per_task_tau or {}):
+                rows.append({"model": r.model, "method": r.method, "bc": r.bc, "task": task, "tau": r.per_task_tau[task]})
+    return pd.DataFrame(rows)
+
+
+def _ablation(runs, group, by, paper_col=None) -> pd.DataFrame:
+    df = ok_runs(runs, [group])
+    if df.empty:
+        return pd.DataFrame()
+    cols = ["model", *by, "tau", "speedup", "tokens_per_s", "call_reduction", "max_tokens_per_forward", "lossless"]
+    out = df[[c for c in cols if c in df.columns]].sort_values(["model", *by]).reset_index(drop=True)
+    if paper_col is not None:
+        out["tau (paper)"] = [paper_col(r) for _, r in out.iterrows()]
+    return out
+
+
+def table2_dynamic(runs):
+    out = _ablation(runs, "table2_dynamic", ["bc", "m_tree", "m_widths"])
+    if not out.empty:
+        out["tau (paper)"] = [paper.TABLE2_BC60["dynamic"] if (r.bc == 60 and r.m_tree == "dynamic") else None
+                              for _, r in out.iterrows()]
+    return out
+
+
+def table3_masks(runs):
+    return _ablation(runs, "table3_masks", ["m_widths"],
+                     lambda r: paper.TABLE3.get(len(eval(r.m_widths)) if isinstance(r.m_widths, str) else None, {}).get(r.model))
+
+
+def table4_impl(runs):
+    out = _ablation(runs, "table4_impl", ["bc", "m_impl"])
+    if not out.empty:
+        out["S/R (paper)"] = [paper.TABLE4.get(r.m_impl, {}).get(r.model) if r.bc == 60 else None for _, r in out.iterrows()]
+    return out
+
+
+def table5_init(runs):
+    return _ablation(runs, "table5_init", ["m_init"], lambda r: paper.TABLE5.get(r.m_init, {}).get(r.model))
+
+
+def table6_calls(runs):
+    df = ok_runs(runs, ["table6_calls", "table1", "fig4"])
+    if df.empty:
+        return pd.DataFrame()
+    return (df.pivot_table(index=["model", "bc"], columns="method", values="call_reduction", aggfunc="last")
+            .reindex(columns=[m for m in METHOD_ORDER if m in set(df.method)]).reset_index())
+
+
+TABLES = {
+    "table1": table1,
+    "fig4_per_task_tau": per_task_tau,
+    "table2_dynamic": table2_dynamic,
+    "table3_masks": table3_masks,
+    "table4_impl": table4_impl,
+    "table5_init": table5_init,
+    "table6_calls": table6_calls,
+    "temperature": lambda runs: _ablation(runs, "temperature", ["bc"]),
+    "bc120": lambda runs: _ablation(runs, "bc120", ["method"]),
+    "pruner": lambda runs: _ablation(runs, "pruner", ["bc", "m_pruner"]),
+    "ood_init": lambda runs: _ablation(runs, "ood_init", ["m_init", "m_ood_sigmas"]),
+    "lambda": lambda runs: _ablation(runs, "lambda", ["m_lam"]),
+}
+
+
+def conditions(runs: pd.DataFrame) -> str:
+    """One line of the conditions behind a table's numbers, and the jobs that failed."""
+    ok = ok_runs(runs)
+    if ok.empty:
+        return "no successful runs"
+
+    def vals(col):
+        return ", ".join(sorted({str(v) for v in ok[col].dropna()}))
+
+    line = (f"models: {vals('model')}; dtype: {vals('dtype')}; device: {vals('device_name')}; task: {vals('task')}; "
+            f"prompts per job: {vals('n_prompts')}; max new tokens: {vals('max_new_tokens')}; "
+            f"temperature: {vals('temperature')}; torch {vals('torch')}, transformers {vals('transformers')}; "
+            f"git {vals('git')[:40]}")
+    failed = runs[runs.status == "failed"]
+    if len(failed):
+        line += f"; FAILED (not in the numbers): " + "; ".join(f"{d} ({e})" for d, e in zip(failed.dir, failed.error))
+    return line
+
+
+def to_markdown(df: pd.DataFrame, footer: str = "") -> str:
+    def cell(v):
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return ""
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + (f"\n\n{footer}\n" if footer else "\n")
+
+
+def to_latex(df: pd.DataFrame, footer: str = "") -> str:
+    tex = df.to_latex(index=False, float_format="%.3f", na_rep="")
+    return tex + (f"% {footer}\n" if footer else "")
