@@ -1,0 +1,325 @@
+"""STAND — Stochastic Adaptive N-gram Drafting (Song et al., EMNLP 2025, arXiv 2506.04708; METHODS §2).
+
+No official code exists; this is a reimplementation on the project's decode loop.
+
+Store (logit n-grams): for every observed context c (the last 4, 3 and 2 tokens ending at a position) the
+model's next-token distribution there, softmax(logits / T_s) (T_s = the decode temperature when > 0, else
+1), truncated to its `top_n` (10) largest entries and NOT renormalised. A context seen again is merged as
+    old * k/(k+1) + new * 1/(k+1)      (k = times the context was seen before; union of the ids, missing = 0)
+and truncated to `top_n` again (ties: smaller token id first). The store is filled after every forward
+from the logits of the verified path (root + accepted drafts): each committed position is observed
+exactly once, so at T = 0 the store is a function of the committed text only, not of the tree.
+The loop does not hand the prompt's prefill logits to drafters, so prompt positions never enter the logit
+store. Instead (`prompt_seed`, default on) the prompt's own token n-grams are counted:
+context (4/3/2 prompt tokens) -> next prompt token -> count (ties: the later occurrence first). This is
+a separate, per-generation table consulted right after the logit store at the same order.
+
+Drafting: a static tree SHAPE of rank paths (node (r1, r2, …) = the r2-th child of the r1-th child of
+the root). For each shape node, in BFS order, the children of its parent are chosen once: the longest
+context ending at the parent (orders 4 -> 3 -> 2; at each order the logit store, then the prompt counts)
+gives a distribution; K = 1 + the largest child rank in the shape; the children are K distinct tokens
+drawn by Gumbel-Top-K (argtop-K of log w + Gumbel noise, a seeded `random.Random`, reseeded per
+generation) or by plain top-K of the weights. With `backfill` (default) slots a short distribution cannot
+fill are filled from the next sources in the same order, without repeats. A shape node whose rank has no
+candidate is dropped together with its subtree, so a step feeds at most 1 + (bc - 1) tokens.
+
+Tree shapes (`tree`): `auto` = the fitted tree for (model_name, bc) from conf/method/stand_trees/<model>.json
+(written by `python -m baselines.fit_stand_tree`; a file's `trees[bc]`, else the first bc - 1 nodes of its
+`ranking`, which is nested and prefix-closed), and the rule below when no file exists; `rule` = always the
+rule; or a path to such a JSON file.
+Fallback rule: the bc - 1 rank paths of highest prior score Π_d A[r_d] with A[0] = 0.5, A[r] = 0.25·0.6^(r-1)
+(r = 1..9), found best-first (ties: shallower, then lexicographic). A child always scores below its parent
+and rank r+1 below rank r, so the set is prefix- and sibling-closed: a deep rank-0 chain widening towards
+the root. The prior was chosen so that at 80 nodes the per-depth profile (8/21/26/18/6/1) is close to Token
+Recycling's published 80-node tree (8/21/25/15/8/3).
+
+Sampling (T > 0): the loop verifies by sample-matching (y ~ p at each node, accept the child equal to y).
+STAND's drafts are a deterministic function of the store and the drafter's own seeded RNG, never of the
+decoder's generator, so the output is exactly AR's sample: lossless. A q-aware multi-draft rejection
+verifier (SpecInfer / recursive rejection sampling) would accept more; see `child_distribution`, which
+exposes q for such a verifier.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from mtp.errors import ConfigError
+from mtp.loop import Block, Drafter, Step, tree_block, tree_layout
+
+TREES_DIR = Path(__file__).resolve().parent.parent / "conf" / "method" / "stand_trees"
+RULE_PRIOR = [0.5] + [0.25 * 0.6 ** (r - 1) for r in range(1, 10)]  # rough P(rank r child accepted | parent)
+
+RankPath = tuple[int, ...]
+
+
+# --------------------------------------------------------------------------- tree shapes
+def bfs_order(paths) -> list[RankPath]:
+    return sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
+
+
+def check_shape(paths: list[RankPath]) -> None:
+    """Rank paths must be non-empty, non-negative and prefix-closed (every node's parent is in the tree)."""
+    have = set(paths)
+    for p in paths:
+        if not p or min(p) < 0:
+            raise ConfigError(f"STAND tree node {list(p)} is not a rank path (non-empty, ranks >= 0)")
+        if len(p) > 1 and p[:-1] not in have:
+            raise ConfigError(f"STAND tree is not prefix-closed: {list(p)} has no parent {list(p[:-1])}")
+
+
+def rule_tree(n: int, prior: list[float] = RULE_PRIOR, max_depth: int | None = None) -> list[RankPath]:
+    """The n rank paths of highest score Π prior[r_d] (best-first; ties: shallower, then lexicographic),
+    in selection order (a parent always before its children)."""
+    def score(p):
+        return math.prod(prior[r] for r in p)
+
+    out: list[RankPath] = []
+    heap = [(-score((0,)), 1, (0,))]
+    while heap and len(out) < n:
+        _, _, p = heapq.heappop(heap)
+        out.append(p)
+        nxt = []
+        if max_depth is None or len(p) < max_depth:
+            nxt.append(p + (0,))  # first child
+        if p[-1] + 1 < len(prior):
+            nxt.append(p[:-1] + (p[-1] + 1,))  # next sibling
+        for c in nxt:
+            heapq.heappush(heap, (-score(c), len(c), c))
+    return out
+
+
+def load_fitted(path: Path, bc: int) -> list[RankPath] | None:
+    """bc - 1 rank paths from a fitted-tree file: `trees[bc]` if present, else the first bc - 1 of `ranking`."""
+    data = json.loads(Path(path).read_text())
+    if str(bc) in data.get("trees", {}):
+        return [tuple(p) for p in data["trees"][str(bc)]]
+    ranking = [tuple(p) for p in data.get("ranking", [])]
+    return ranking[: bc - 1] if ranking else None
+
+
+def fitted_path(model_name: str | None) -> Path | None:
+    if not model_name:
+        return None
+    p = TREES_DIR / f"{model_name}.json"
+    return p if p.is_file() else None
+
+
+# --------------------------------------------------------------------------- the store
+def merge(entry: tuple[list[int], list[float], int] | None, ids: list[int], probs: list[float], top_n: int):
+    """One observation (ids, probs) of a context into its entry (ids, probs, k): old k/(k+1) + new 1/(k+1),
+    truncated to the top_n (ties: smaller token id first)."""
+    if entry is None:
+        k, acc = 0, {}
+    else:
+        old_ids, old_p, k = entry
+        acc = {t: p * k / (k + 1) for t, p in zip(old_ids, old_p)}
+    for t, p in zip(ids, probs):
+        acc[t] = acc.get(t, 0.0) + p / (k + 1)
+    best = sorted(acc.items(), key=lambda tp: (-tp[1], tp[0]))[:top_n]
+    return [t for t, _ in best], [p for _, p in best], k + 1
+
+
+class Stand(Drafter):
+    name = "stand"
+    min_bc = 2
+
+    def __init__(
+        self,
+        bc: int = 30,
+        tree: str | list = "auto",  # auto | rule | path to a fitted-tree JSON | a list of rank paths
+        orders: tuple[int, ...] | list[int] = (4, 3, 2),  # context lengths, longest first
+        top_n: int = 10,  # distribution entries kept per context
+        persist: bool = False,  # keep the logit store across the prompts of a job (paper: per generation)
+        prompt_seed: bool = True,  # count the prompt's token n-grams (consulted after the logit store)
+        backfill: bool = True,  # fill missing children from the next (shorter) sources
+        gumbel: bool | None = None,  # Gumbel-Top-K children; None = on iff temperature > 0
+        temperature: float = 0.0,  # the decode temperature (store temperature and gumbel=None)
+        model_name: str | None = None,  # finds conf/method/stand_trees/<model_name>.json
+        seed: int = 0,
+    ):
+        if bc < self.min_bc:
+            raise ConfigError(f"bc={bc} is too small for STAND: needs bc >= {self.min_bc} (root + one draft)")
+        orders = sorted({int(n) for n in orders}, reverse=True)
+        if not orders or orders[-1] < 1:
+            raise ConfigError(f"method.orders={orders}: expected context lengths >= 1, e.g. [4, 3, 2]")
+        if top_n < 1:
+            raise ConfigError(f"method.top_n={top_n} must be >= 1")
+        self.bc, self.orders, self.max_n, self.top_n = bc, orders, orders[0], top_n
+        self.persist, self.prompt_seed, self.backfill, self.seed = persist, prompt_seed, backfill, seed
+        self.temperature = float(temperature or 0.0)
+        self.gumbel = (self.temperature > 0) if gumbel is None else bool(gumbel)
+        self.store_temperature = self.temperature if self.temperature > 0 else 1.0
+        budget = bc - 1
+
+        if isinstance(tree, (list, tuple)):
+            paths, self.tree_source = [tuple(p) for p in tree], "given"
+        elif tree == "rule":
+            paths, self.tree_source = rule_tree(budget, RULE_PRIOR[:top_n]), "rule"
+        elif tree == "auto":
+            f = fitted_path(model_name)
+            paths = load_fitted(f, bc) if f is not None else None
+            self.tree_source = f"fitted:{f.name}" if paths else "rule"
+            if not paths:
+                paths = rule_tree(budget, RULE_PRIOR[:top_n])
+        else:
+            f = Path(tree)
+            if not f.is_file():
+                raise ConfigError(f"method.tree={tree!r}: expected auto | rule | a fitted-tree JSON file")
+            paths, self.tree_source = load_fitted(f, bc), f"fitted:{f}"
+            if not paths:
+                raise ConfigError(f"{f}: no tree for bc={bc} and no ranking")
+        paths = bfs_order(paths)
+        if not paths:
+            raise ConfigError("STAND tree is empty: give at least one rank path, e.g. [[0]]")
+        check_shape(paths)
+        if len(paths) > budget:
+            raise ConfigError(f"STAND tree has {len(paths)} nodes: 1 + {len(paths)} tokens per forward exceed bc={bc}")
+        if max(p[-1] for p in paths) >= top_n:
+            raise ConfigError(f"STAND tree uses child rank {max(p[-1] for p in paths)} but the store keeps top_n={top_n}")
+        self.paths = paths
+        index = {p: i for i, p in enumerate(paths)}
+        # shape node i: parent shape index (-1 = root), rank; n_children[parent index + 1] = K
+        self.node_parent = [index[p[:-1]] if len(p) > 1 else -1 for p in paths]
+        self.node_rank = [p[-1] for p in paths]
+        self.n_children = [0] * (len(paths) + 1)
+        for par, r in zip(self.node_parent, self.node_rank):
+            self.n_children[par + 1] = max(self.n_children[par + 1], r + 1)
+        full_parents = [-1] + [par + 1 for par in self.node_parent]
+        self.full_layout = tree_layout(full_parents)  # reused when every node is drafted (mask cached)
+        self.store: dict[tuple[int, ...], tuple[list[int], list[float], int]] = {}
+        self.prompt_counts: dict[tuple[int, ...], dict[int, list[int]]] = {}
+        self.rng = random.Random(seed)
+        self.row_paths: list[RankPath] = [()]
+        self._hist: tuple[int, ...] = ()
+
+    # ------------------------------------------------------------------ state
+    def setup(self, model) -> None:
+        self.store = {}
+        self.prompt_counts = {}
+
+    def prefill_probes(self, prompt_ids: list[int]) -> None:
+        """Per generation: reseed the RNG, reset the store unless `persist`, count the prompt's n-grams."""
+        self.rng = random.Random(self.seed)
+        if not self.persist:
+            self.store = {}
+        self.prompt_counts = {}
+        if self.prompt_seed:
+            self.seed_prompt(prompt_ids)
+        return None
+
+    def seed_prompt(self, prompt_ids: list[int]) -> None:
+        for i in range(len(prompt_ids) - 1):
+            nxt = prompt_ids[i + 1]
+            for n in self.orders:
+                if i + 1 >= n:
+                    slot = self.prompt_counts.setdefault(tuple(prompt_ids[i + 1 - n : i + 1]), {})
+                    c = slot.setdefault(nxt, [0, 0])
+                    c[0] += 1
+                    c[1] = i  # last occurrence
+        return None
+
+    def add(self, context: tuple[int, ...], ids: list[int], probs: list[float]) -> None:
+        """One observed next-token distribution after `context` (tokens ending at the position)."""
+        for n in self.orders:
+            if len(context) >= n:
+                key = tuple(context[-n:])
+                self.store[key] = merge(self.store.get(key), ids, probs, self.top_n)
+
+    def top_dist(self, logits: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+        """Rows (m, V) of logits -> the top_n (ids, probs) of softmax(logits / T_s) per row."""
+        probs = torch.softmax(logits.float() / self.store_temperature, dim=-1)
+        top = torch.topk(probs, min(self.top_n, probs.shape[-1]), dim=-1)
+        return top.indices.tolist(), top.values.tolist()
+
+    def observe_logits(self, contexts: list[tuple[int, ...]], logits: torch.Tensor) -> None:
+        """Rows of `logits` (m, V) are the next-token logits after each of the m contexts, in order."""
+        for ctx, ids, ps in zip(contexts, *self.top_dist(logits)):
+            self.add(ctx, ids, ps)
+
+    def observe(self, step: Step) -> None:
+        ids = step.block.ids.tolist()
+        seq, contexts = self._hist, []
+        for j, row in enumerate(step.path):
+            if j:
+                seq = (seq + (ids[row],))[-self.max_n :]
+            contexts.append(seq)
+        self.observe_logits(contexts, step.logits[step.path])
+
+    # ------------------------------------------------------------------ drafting
+    def sources(self, context: tuple[int, ...]) -> list[tuple[list[int], list[float]]]:
+        """The distributions for the next token after `context`, most specific first: for n in orders,
+        the logit store, then the prompt counts (top_n by count, later occurrence first)."""
+        out = []
+        for n in self.orders:
+            if len(context) < n:
+                continue
+            key = tuple(context[-n:])
+            entry = self.store.get(key)
+            if entry is not None:
+                out.append((entry[0], entry[1]))
+            counts = self.prompt_counts.get(key) if self.prompt_seed else None
+            if counts:
+                best = sorted(counts.items(), key=lambda tc: (-tc[1][0], -tc[1][1]))[: self.top_n]
+                out.append(([t for t, _ in best], [float(c[0]) for _, c in best]))
+        return out
+
+    def child_distribution(self, context: tuple[int, ...]) -> tuple[list[int], list[float]] | None:
+        """q: the (longest-context) draft distribution after `context`, normalised; None if unseen."""
+        src = self.sources(context)
+        if not src:
+            return None
+        ids, w = src[0]
+        s = sum(w)
+        return ids, [x / s for x in w]
+
+    def children(self, context: tuple[int, ...], k: int) -> list[int]:
+        """k distinct next tokens after `context` (fewer if the store has fewer)."""
+        chosen: list[int] = []
+        for ids, w in self.sources(context):
+            have = set(chosen)
+            pool = [(t, x) for t, x in zip(ids, w) if t not in have and x > 0]
+            if self.gumbel:
+                keys = [math.log(x) - math.log(max(self.rng.expovariate(1.0), 1e-300)) for _, x in pool]  # + Gumbel
+                order = sorted(range(len(pool)), key=lambda i: -keys[i])
+                pool = [pool[i] for i in order]
+            chosen += [t for t, _ in pool[: k - len(chosen)]]
+            if len(chosen) >= k or not self.backfill:
+                break
+        return chosen
+
+    def draft(self, hist: tuple[int, ...]) -> tuple[list[int], list[int], list[RankPath]]:
+        """Tree rows (ids, parents, rank path of each row) rooted at hist[-1]."""
+        ids, parents, rows = [hist[-1]], [-1], [()]
+        seqs = [tuple(hist[-self.max_n :])]
+        row_of = {-1: 0}
+        cands: dict[int, list[int]] = {}
+        for i, (par, r) in enumerate(zip(self.node_parent, self.node_rank)):
+            prow = row_of.get(par)
+            if prow is None:
+                continue
+            c = cands.get(prow)
+            if c is None:
+                c = cands[prow] = self.children(seqs[prow], self.n_children[par + 1])
+            if r >= len(c):
+                continue
+            row_of[i] = len(ids)
+            ids.append(c[r])
+            parents.append(prow)
+            rows.append(self.paths[i])
+            seqs.append((seqs[prow] + (c[r],))[-self.max_n :])
+        return ids, parents, rows
+
+    def propose(self, tokens: list[int]) -> Block:
+        self._hist = tuple(tokens[-self.max_n :])
+        ids, parents, self.row_paths = self.draft(self._hist)
+        if len(ids) == len(self.paths) + 1:  # the whole static shape: reuse its layout
+            depth, allowed = self.full_layout
+            return Block(torch.tensor(ids, dtype=torch.long), parents, depth, allowed)
+        return tree_block(ids, parents)
