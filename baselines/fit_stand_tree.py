@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
         seq = list(ids) + new[:1]
         for t, (top_ids, top_p) in enumerate(rec.rows):  # rows[t]: next-token distribution after new[t]
             hist = tuple(seq[-stand.max_n :])
-            d_ids, d_parents, d_rows = stand.draft(hist)
+            d_ids, d_parents, d_rows, _ = stand.draft(hist)
             children = defaultdict(list)
             for r, par in enumerate(d_parents[1:], start=1):
                 children[par].append(r)

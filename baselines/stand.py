@@ -33,11 +33,13 @@ and rank r+1 below rank r, so the set is prefix- and sibling-closed: a deep rank
 the root. The prior was chosen so that at 80 nodes the per-depth profile (8/21/26/18/6/1) is close to Token
 Recycling's published 80-node tree (8/21/25/15/8/3).
 
-Sampling (T > 0): the loop verifies by sample-matching (y ~ p at each node, accept the child equal to y).
-STAND's drafts are a deterministic function of the store and the drafter's own seeded RNG, never of the
-decoder's generator, so the output is exactly AR's sample: lossless. A q-aware multi-draft rejection
-verifier (SpecInfer / recursive rejection sampling) would accept more; see `child_distribution`, which
-exposes q for such a verifier.
+Sampling (T > 0): with Gumbel children and `rejection` (default), each node's children are ONE
+Gumbel-Top-K draw (without replacement) from one distribution q (the longest-context source; no
+backfill), and the block carries q per parent row (`Block.draft_q`): the loop verifies those children by
+recursive rejection sampling (accept c_i w.p. min(1, r/q_i), residual r <- norm(max(r - q_i, 0))), which
+keeps the target distribution exactly (tests/test_stand.py checks it statistically). With `rejection=false`
+or plain top-K, drafts are deterministic given the store and the loop's sample-matching verifier applies,
+which reproduces AR's sampled ids exactly.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ class Stand(Drafter):
         gumbel: bool | None = None,  # Gumbel-Top-K children; None = on iff temperature > 0
         temperature: float = 0.0,  # the decode temperature (store temperature and gumbel=None)
         model_name: str | None = None,  # finds conf/method/stand_trees/<model_name>.json
+        rejection: bool = True,  # T > 0 with Gumbel: children drawn from one q, verified by recursive rejection
         seed: int = 0,
     ):
         if bc < self.min_bc:
@@ -156,6 +159,8 @@ class Stand(Drafter):
         self.temperature = float(temperature or 0.0)
         self.gumbel = (self.temperature > 0) if gumbel is None else bool(gumbel)
         self.store_temperature = self.temperature if self.temperature > 0 else 1.0
+        # speculative sampling proper: every child set is a draw without replacement from one q (no backfill)
+        self.rejection = bool(rejection) and self.gumbel and self.temperature > 0
         budget = bc - 1
 
         if isinstance(tree, (list, tuple)):
@@ -270,19 +275,14 @@ class Stand(Drafter):
                 out.append(([t for t, _ in best], [float(c[0]) for _, c in best]))
         return out
 
-    def child_distribution(self, context: tuple[int, ...]) -> tuple[list[int], list[float]] | None:
-        """q: the (longest-context) draft distribution after `context`, normalised; None if unseen."""
-        src = self.sources(context)
-        if not src:
-            return None
-        ids, w = src[0]
-        s = sum(w)
-        return ids, [x / s for x in w]
-
-    def children(self, context: tuple[int, ...], k: int) -> list[int]:
-        """k distinct next tokens after `context` (fewer if the store has fewer)."""
+    def children(self, context: tuple[int, ...], k: int) -> tuple[list[int], tuple[list[int], list[float]] | None]:
+        """k distinct next tokens after `context` (fewer if the store has fewer), and the q they were
+        drawn from when they are one Gumbel-Top-K draw of a single distribution (rejection mode)."""
         chosen: list[int] = []
-        for ids, w in self.sources(context):
+        srcs = self.sources(context)
+        if self.rejection:
+            srcs = srcs[:1]
+        for ids, w in srcs:
             have = set(chosen)
             pool = [(t, x) for t, x in zip(ids, w) if t not in have and x > 0]
             if self.gumbel:
@@ -292,21 +292,29 @@ class Stand(Drafter):
             chosen += [t for t, _ in pool[: k - len(chosen)]]
             if len(chosen) >= k or not self.backfill:
                 break
-        return chosen
+        if self.rejection and srcs:
+            ids, w = srcs[0]
+            total = sum(w)
+            return chosen, (list(ids), [x / total for x in w])
+        return chosen, None
 
-    def draft(self, hist: tuple[int, ...]) -> tuple[list[int], list[int], list[RankPath]]:
-        """Tree rows (ids, parents, rank path of each row) rooted at hist[-1]."""
+    def draft(self, hist: tuple[int, ...]):
+        """Tree rows (ids, parents, rank path of each row) rooted at hist[-1], and {row: q} (rejection mode)."""
         ids, parents, rows = [hist[-1]], [-1], [()]
         seqs = [tuple(hist[-self.max_n :])]
         row_of = {-1: 0}
         cands: dict[int, list[int]] = {}
+        draft_q: dict[int, tuple[list[int], list[float]]] = {}
         for i, (par, r) in enumerate(zip(self.node_parent, self.node_rank)):
             prow = row_of.get(par)
             if prow is None:
                 continue
             c = cands.get(prow)
             if c is None:
-                c = cands[prow] = self.children(seqs[prow], self.n_children[par + 1])
+                c, q = self.children(seqs[prow], self.n_children[par + 1])
+                cands[prow] = c
+                if q is not None:
+                    draft_q[prow] = q
             if r >= len(c):
                 continue
             row_of[i] = len(ids)
@@ -314,12 +322,13 @@ class Stand(Drafter):
             parents.append(prow)
             rows.append(self.paths[i])
             seqs.append((seqs[prow] + (c[r],))[-self.max_n :])
-        return ids, parents, rows
+        return ids, parents, rows, draft_q
 
     def propose(self, tokens: list[int]) -> Block:
         self._hist = tuple(tokens[-self.max_n :])
-        ids, parents, self.row_paths = self.draft(self._hist)
+        ids, parents, self.row_paths, draft_q = self.draft(self._hist)
         if len(ids) == len(self.paths) + 1:  # the whole static shape: reuse its layout
             depth, allowed = self.full_layout
-            return Block(torch.tensor(ids, dtype=torch.long), parents, depth, allowed)
-        return tree_block(ids, parents)
+        else:
+            depth, allowed = tree_layout(parents)
+        return Block(torch.tensor(ids, dtype=torch.long), parents, depth, allowed, draft_q=draft_q or None)

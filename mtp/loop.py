@@ -26,6 +26,9 @@ class Block:
     allowed: (T, T) bool      allowed[i, j]: row i attends to row j (the block-local part of the mask;
                               every row always sees the whole cache)
     embeds:  (P, H) or None   probe rows given as input embeddings (ESP's masks), after the id rows
+    draft_q: {row: (ids, probs)} or None   for T > 0: the distribution q a tree row's children were drawn
+                              from, without replacement, in row order (STAND's Gumbel-Top-K); such
+                              children are verified by recursive rejection sampling instead of matching
     """
 
     ids: torch.Tensor
@@ -33,6 +36,7 @@ class Block:
     depth: torch.Tensor
     allowed: torch.Tensor
     embeds: torch.Tensor | None = None
+    draft_q: dict[int, tuple[list[int], list[float]]] | None = None
 
     @property
     def n_tree(self) -> int:
@@ -238,7 +242,8 @@ class Decoder:
         """Accepted path (tree rows, root first) and committed tokens (accepted drafts + bonus).
 
         At each node y = argmax (or a sample of p_target at T > 0); the child carrying y is accepted.
-        For deterministic drafts this is exactly greedy / exactly the target distribution.
+        For deterministic drafts this is exactly greedy / exactly the target distribution. Children
+        drawn from a distribution q (block.draft_q) are verified by recursive rejection at T > 0.
         """
         n = block.n_tree
         ids = block.ids[:n].tolist()
@@ -248,13 +253,40 @@ class Decoder:
         greedy = logits[:n].argmax(-1).tolist() if self.temperature <= 0 else None
         node, path, committed = 0, [0], []
         while True:
-            y = greedy[node] if greedy is not None else self._pick(logits[node])
+            kids = children.get(node, ())
+            if greedy is None and block.draft_q and node in block.draft_q and kids:
+                nxt, y = self._reject_sample(logits[node], block.draft_q[node], [(c, ids[c]) for c in kids])
+            else:
+                y = greedy[node] if greedy is not None else self._pick(logits[node])
+                nxt = next((c for c in kids if ids[c] == y), None)
             committed.append(y)
-            nxt = next((c for c in children.get(node, ()) if ids[c] == y), None)
             if nxt is None:
                 return path, committed
             node = nxt
             path.append(node)
+
+    def _reject_sample(self, logits_row, q_sparse, kids) -> tuple[int | None, int]:
+        """Recursive rejection sampling over children drawn from q without replacement (SpecInfer /
+        RSD): child c_i is accepted with prob min(1, r(c_i) / q_i(c_i)), q_i = q without the earlier
+        children, renormalised; on rejection r <- norm(max(r - q_i, 0)). All rejected: y ~ r.
+        The returned token is distributed exactly as p (the target at this node)."""
+        r = torch.softmax(logits_row / self.temperature, dim=-1)  # p: target, then the residual
+        q = torch.zeros_like(r)
+        q[torch.tensor(q_sparse[0], device=r.device)] = torch.tensor(q_sparse[1], dtype=r.dtype, device=r.device)
+        for row, tok in kids:
+            qi = q / q.sum()
+            if qi[tok] <= 0:  # not a draw from q: cannot be verified by rejection; skip it
+                continue
+            u = torch.rand((), generator=self.generator, device=r.device)
+            if u * qi[tok] < r[tok]:  # u < r/q_i
+                return row, tok
+            resid = torch.clamp(r - qi, min=0)
+            if resid.sum() > 0:
+                r = resid / resid.sum()
+            q[tok] = 0
+            if q.sum() <= 0:
+                break
+        return None, int(torch.multinomial(r, 1, generator=self.generator))
 
 
 def _keep_rows(cache, n_prefix: int, block_rows: list[int]) -> None:

@@ -127,3 +127,44 @@ def test_tree_steps_commit_several_and_stay_exact(tiny):
         assert g.new_ids == ref
         assert max(g.committed_per_step) == 4  # 3 accepted drafts + the bonus
         assert sum(g.committed_per_step) == 29 and g.tokens_fed_max == 7
+
+
+def _rejection_chi2(dec, p_logits, q, n_children, trials, gen):
+    """Chi-square statistic of the verifier's output token against p over `trials` draws, children
+    drawn from q by Gumbel-Top-K without replacement."""
+    V = p_logits.shape[0]
+    counts = torch.zeros(V)
+    q_ids, q_p = list(range(V)), q.tolist()
+    for _ in range(trials):
+        gumbel = -torch.log(-torch.log(torch.rand(V, generator=gen)))
+        kids = torch.topk(torch.log(q) + gumbel, n_children).indices.tolist()
+        _, y = dec._reject_sample(p_logits, (q_ids, q_p), [(i + 1, t) for i, t in enumerate(kids)])
+        counts[y] += 1
+    expected = trials * torch.softmax(p_logits, -1)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_rejection_sampling_keeps_the_target_distribution(tiny, monkeypatch):
+    """Recursive rejection over children drawn from q without replacement returns tokens distributed as
+    p: chi-square over 6 tokens (5 dof) below 20.5 (p-value 0.001) with 6000 draws, fixed seeds. A verifier
+    that forgets to subtract q from the residual fails the same test."""
+    model, tok, prompts = tiny
+    dec = Decoder(model, [], temperature=1.0, seed=0)
+    dec.generator.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    p_logits = torch.tensor([2.0, 1.5, 0.3, 0.0, -1.0, 0.8])
+    q = torch.tensor([0.05, 0.40, 0.30, 0.10, 0.10, 0.05])
+    assert _rejection_chi2(dec, p_logits, q, 2, 6000, gen) < 20.5
+
+    def biased(self, logits_row, q_sparse, kids):  # residual left as p: over-weights rejected children
+        r = torch.softmax(logits_row / self.temperature, dim=-1)
+        qd = torch.tensor(q_sparse[1])
+        for row, t in kids:
+            qi = qd / qd.sum()
+            if torch.rand((), generator=self.generator) * qi[t] < r[t]:
+                return row, t
+            qd[t] = 0
+        return None, int(torch.multinomial(r, 1, generator=self.generator))
+
+    monkeypatch.setattr(Decoder, "_reject_sample", biased)
+    assert _rejection_chi2(dec, p_logits, q, 2, 6000, gen) > 20.5

@@ -84,17 +84,39 @@ def test_eos_mid_block(tiny, refs):
 
 
 def test_sampling_reproduces_ar_samples(tiny):
-    """T > 0: drafts come from the drafter's own RNG (Gumbel on by default), so sample-matching returns
-    exactly AR's samples."""
+    """T > 0 without the rejection verifier: drafts come from the drafter's own RNG (Gumbel), so
+    sample-matching returns exactly AR's samples."""
     model, tok, prompts = tiny
     for seed in range(3):
         for ids in prompts[:2]:
             ar = run(model, Drafter(), ids, temperature=1.0, seed=seed).new_ids
-            d = Stand(bc=30, temperature=1.0, persist=True, tree="rule", seed=seed)
+            d = Stand(bc=30, temperature=1.0, persist=True, tree="rule", seed=seed, rejection=False)
             assert d.gumbel
             d.setup(model)
             for _ in range(2):
                 assert run(model, d, ids, temperature=1.0, seed=seed).new_ids == ar
+
+
+def test_sampling_with_rejection_verifier_runs_and_accepts(tiny):
+    """T > 0 with the rejection verifier (default): blocks carry q and drafts still get accepted; the
+    verifier's exactness is tested statistically in tests/test_loop.py."""
+    model, tok, prompts = tiny
+    d = Stand(bc=30, temperature=1.0, persist=True, tree="rule")
+    assert d.rejection
+    d.setup(model)
+    seen_q, propose = [], d.propose
+
+    def spy(tokens):
+        block = propose(tokens)
+        seen_q.append(bool(block.draft_q))
+        return block
+
+    d.propose = spy
+    committed = calls = 0
+    for ids in prompts * 2:
+        g = run(model, d, ids, temperature=1.0)
+        committed, calls = committed + sum(g.committed_per_step), calls + g.decode_calls
+    assert any(seen_q) and committed / calls > 1.0
 
 
 def test_merge_rule():
@@ -118,20 +140,20 @@ def test_backoff_4_3_2_and_prompt_seed():
     d.add((9, 2, 3), [30], [0.9])  # 3- and 2-gram entries for (2, 3), (3,) -> merged
     d.add((8, 3), [20], [0.7])
     assert set(d.store) == {(7, 1, 2, 3), (1, 2, 3), (2, 3), (9, 2, 3), (8, 3)}
-    assert d.children((7, 1, 2, 3), 2) == [40, 41]  # 4-gram hit
-    assert d.children((5, 9, 2, 3), 2) == [30]  # no 4-gram: the 3-gram (9, 2, 3)
-    assert d.children((5, 6, 2, 3), 3) == [30, 40, 41]  # 2-gram (2, 3): {40: .6, 41: .3} merged with {30: .9}
+    assert d.children((7, 1, 2, 3), 2)[0] == [40, 41]  # 4-gram hit
+    assert d.children((5, 9, 2, 3), 2)[0] == [30]  # no 4-gram: the 3-gram (9, 2, 3)
+    assert d.children((5, 6, 2, 3), 3)[0] == [30, 40, 41]  # 2-gram (2, 3): {40: .6, 41: .3} merged with {30: .9}
     assert d.store[(2, 3)][2] == 2 and d.store[(2, 3)][1] == pytest.approx([0.45, 0.3, 0.15])
-    assert d.children((5, 6, 7, 8, 3), 2) == [20]  # 2-gram (8, 3)
-    assert d.children((1, 2, 4), 2) == []  # nothing stored: the node gets no children
+    assert d.children((5, 6, 7, 8, 3), 2)[0] == [20]  # 2-gram (8, 3)
+    assert d.children((1, 2, 4), 2)[0] == []  # nothing stored: the node gets no children
     d.backfill = True
-    assert d.children((9, 2, 3), 4) == [30, 40, 41]  # the 3-gram's one entry, then the 2-gram's
+    assert d.children((9, 2, 3), 4)[0] == [30, 40, 41]  # the 3-gram's one entry, then the 2-gram's
     # prompt seed: counts after the logit store of the same order, before shorter logit contexts
     d.prefill_probes([1, 2, 3, 50, 5, 2, 3, 50, 6, 2, 3, 51])
     assert d.store == {}  # persist=False: a new generation starts with an empty store
-    assert d.children((1, 2, 3), 2) == [50, 51]  # 3-gram count (1, 2, 3) -> 50, then 2-gram (2, 3): 50 x2, 51
+    assert d.children((1, 2, 3), 2)[0] == [50, 51]  # 3-gram count (1, 2, 3) -> 50, then 2-gram (2, 3): 50 x2, 51
     d.add((1, 2, 3), [60], [0.5])
-    assert d.children((1, 2, 3), 2) == [60, 50]  # logit store first, backfilled from the counts
+    assert d.children((1, 2, 3), 2)[0] == [60, 50]  # logit store first, backfilled from the counts
 
 
 def test_rule_tree_and_shapes():
