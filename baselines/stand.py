@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from mtp.errors import ConfigError
-from mtp.loop import Block, Drafter, Step, tree_block, tree_layout
+from mtp.loop import Block, Drafter, Step, tree_layout
 
 TREES_DIR = Path(__file__).resolve().parent.parent / "conf" / "method" / "stand_trees"
 RULE_PRIOR = [0.5] + [0.25 * 0.6 ** (r - 1) for r in range(1, 10)]  # rough P(rank r child accepted | parent)

@@ -130,7 +130,7 @@ def conditions(runs: pd.DataFrame) -> str:
             f"git {vals('git')[:40]}")
     failed = runs[runs.status == "failed"]
     if len(failed):
-        line += f"; FAILED (not in the numbers): " + "; ".join(f"{d} ({e})" for d, e in zip(failed.dir, failed.error))
+        line += "; FAILED (not in the numbers): " + "; ".join(f"{d} ({e})" for d, e in zip(failed.dir, failed.error))
     return line
 
 

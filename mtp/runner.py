@@ -209,7 +209,7 @@ def format_summary(s: dict, out_dir: Path) -> str:
         f"  tokens per forward    max {s['max_tokens_per_forward']}, mean {f(s['mean_tokens_per_forward'], '.1f')}",
         f"  accepted per step     {s['accept_hist']}",
         f"  lossless              {s['lossless']}" + (f"  ({s['n_mismatches']} turns differ; see records.jsonl first_diff)" if s.get("n_mismatches") else ""),
-        f"  per task tau          " + ", ".join(f"{k} {f(v, '.2f')}" for k, v in s["per_task_tau"].items()),
+        "  per task tau          " + ", ".join(f"{k} {f(v, '.2f')}" for k, v in s["per_task_tau"].items()),
         f"  device                {s['environment']['device_name']} ({s['environment']['dtype']}, torch {s['environment']['torch']})",
         f"  output                {out_dir}",
     ]

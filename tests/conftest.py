@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from mtp.loop import Decoder
 from mtp.models import chat_ids, load_model
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -35,3 +36,19 @@ def smollm2():
     model, tok = load_model(cfg.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     return model, tok, [chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+def decode(model, drafter, ids, eos=(), n=30, temperature=0.0, seed=0, setup=True):
+    """One generation of `drafter` (set up for the job first unless `setup=False`)."""
+    if setup:
+        drafter.setup(model)
+    return Decoder(model, list(eos), temperature, seed).generate(drafter, ids, n)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy CPU they contend (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

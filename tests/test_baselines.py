@@ -1,6 +1,8 @@
 """PLD and Token Recycling: greedy output identical to AR at every bc, blocks within bc, and the
 drafting rules checked against transformers (PLD) and the published tree (Token Recycling)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -8,12 +10,13 @@ from baselines.pld import PromptLookup
 from baselines.recycling import TEMPLATE_80, TokenRecycling, tree_for_bc
 from mtp.loop import Decoder, Drafter
 
+from .conftest import decode
+
 BCS = (10, 17, 30, 60)
 
 
-def run(model, drafter, ids, n=40):
-    drafter.setup(model)
-    return Decoder(model, []).generate(drafter, ids, n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+run = functools.partial(decode, n=40)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +45,9 @@ def test_greedy_equals_ar(tiny, refs, bc, make):
 def test_pld_accepts_on_repetition(tiny):
     model, tok, prompts = tiny
     ids = prompts[0]
-    ref = run(model, Drafter(), ids, 60).new_ids
+    ref = run(model, Drafter(), ids, n=60).new_ids
     # the AR output of a tiny random model loops; PLD copies the loop
-    g = run(model, PromptLookup(30), ids, 60)
+    g = run(model, PromptLookup(30), ids, n=60)
     assert g.new_ids == ref
     assert sum(g.committed_per_step) / g.decode_calls > 1.0
 

@@ -1,21 +1,22 @@
 """ESP: greedy output identical to AR for every option, block sizes as in the paper, naive == efficient,
 sampling coupled to AR, and tau > 1 on the real model."""
 
+import functools
 import itertools
 
 import pytest
-import torch
 
 from mtp.errors import ConfigError
 from mtp.esp import ESP, esp_layout, fit_widths, static_parents
-from mtp.loop import Decoder, Drafter
+from mtp.loop import Drafter
+
+from .conftest import decode
 
 N_NEW = 30
 
 
-def run(model, drafter, ids, eos=(), n=N_NEW, temperature=0.0, seed=0):
-    drafter.setup(model)
-    return Decoder(model, list(eos), temperature, seed).generate(drafter, ids, n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+run = functools.partial(decode, n=N_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +105,3 @@ def test_sampling_reproduces_ar_samples(tiny):
                 assert run(model, d, ids, temperature=1.0, seed=seed).new_ids == ar
     # and different seeds do give different samples (the test can fail)
     assert len({tuple(run(model, Drafter(), prompts[0], temperature=1.0, seed=s).new_ids) for s in range(4)}) > 1
-
-
-@pytest.mark.slow
-def test_smollm2_lossless_and_tau_above_one(smollm2):
-    model, tok, prompts = smollm2
-    committed = calls = 0
-    for ids in prompts[:2]:
-        ref = run(model, Drafter(), ids, eos=[tok.eos_token_id], n=32)
-        g = run(model, ESP(bc=30), ids, eos=[tok.eos_token_id], n=32)
-        assert g.new_ids == ref.new_ids
-        committed, calls = committed + sum(g.committed_per_step), calls + g.decode_calls
-    assert committed / calls > 1.1

@@ -2,6 +2,7 @@
 within bc, window/trie rows equal to sequential decoding of their chains, a worked example of the window
 and the pool written out by hand, and tau > 1 on a tiny model whose output repeats."""
 
+import functools
 import itertools
 from types import SimpleNamespace
 
@@ -14,24 +15,14 @@ from mtp.errors import ConfigError
 from mtp.loop import Decoder, Drafter, Step
 from mtp.runner import build_drafter
 
-from .conftest import compose_cfg
+from .conftest import compose_cfg, decode
 
 N_NEW = 40
 BCS = (10, 17, 30, 60)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CPU they contend (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run(model, drafter, ids, eos=(), n=N_NEW, temperature=0.0, seed=0):
-    drafter.setup(model)
-    return Decoder(model, list(eos), temperature, seed).generate(drafter, ids, n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+run = functools.partial(decode, n=N_NEW)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mtp.loop import Block, Decoder, Drafter, _keep_rows, tree_block, tree_layout
+from mtp.loop import Decoder, Drafter, _keep_rows, tree_block, tree_layout
 
 
 def hf_greedy(model, ids, n):

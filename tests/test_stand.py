@@ -1,31 +1,24 @@
 """STAND: greedy output identical to AR at any bc and option, blocks within bc, the store's merge rule and
 4 -> 3 -> 2 backoff, the fallback tree rule, sampling coupled to AR, and the tree-fitting command."""
 
+import functools
 import itertools
 import json
 
 import pytest
-import torch
 
 from baselines.fit_stand_tree import main as fit_main
 from baselines.stand import Stand, bfs_order, check_shape, load_fitted, merge, rule_tree
 from mtp.errors import ConfigError
-from mtp.loop import Decoder, Drafter
+from mtp.loop import Drafter
+
+from .conftest import decode
 
 N_NEW = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight a busy machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run(model, drafter, ids, eos=(), n=N_NEW, temperature=0.0, seed=0):
-    return Decoder(model, list(eos), temperature, seed).generate(drafter, ids, n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+run = functools.partial(decode, n=N_NEW, setup=False)  # tests set drafters up themselves (persisting state)
 
 
 class Checked(Stand):
@@ -214,17 +207,3 @@ def test_fitted_tree_file_is_used(tiny, refs, tmp_path):
     assert Stand(bc=4, tree=str(f)).paths == [(0,), (1,), (0, 0)]
     d.setup(model)
     assert run(model, d, prompts[0]).new_ids == refs[0]
-
-
-@pytest.mark.slow
-def test_smollm2_lossless_and_tau_above_one(smollm2):
-    model, tok, prompts = smollm2
-    committed = calls = 0
-    for ids in prompts[:2]:
-        ref = run(model, Drafter(), ids, eos=[tok.eos_token_id], n=32)
-        d = Stand(bc=30, model_name="smollm2_135m")
-        d.setup(model)
-        g = run(model, d, ids, eos=[tok.eos_token_id], n=32)
-        assert g.new_ids == ref.new_ids and g.tokens_fed_max <= 30
-        committed, calls = committed + sum(g.committed_per_step), calls + g.decode_calls
-    assert committed / calls > 1.1
