@@ -6,6 +6,7 @@ job checks losslessness. Writes `records.jsonl` (one row per turn, flushed as it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -119,13 +120,51 @@ def _gen_fields(g: Generation, prefix: str = "") -> dict:
     }
 
 
+def fingerprint(cfg) -> str:
+    """Hash of everything in the job's config that can change its records (not W&B settings)."""
+    conf = OmegaConf.to_container(cfg, resolve=True)
+    conf.pop("wandb", None)
+    return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_turns(out_dir: Path, cfg) -> dict[tuple[str, int], dict]:
+    """Records already in `out_dir` from an earlier run of the same job, keyed by (question id, turn).
+    A different job's records there are an error; a torn last line (a killed write) is dropped."""
+    job, path = out_dir / "job.json", out_dir / "records.jsonl"
+    fp = fingerprint(cfg)
+    if job.exists():
+        if json.loads(job.read_text())["fingerprint"] != fp:
+            raise ConfigError(f"{out_dir} holds records of a different job configuration; "
+                              "choose another output dir (hydra.run.dir=...) or delete that one")
+    else:
+        tmp = job.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+        os.replace(tmp, job)
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            done[(str(rec["question_id"]), rec["turn"])] = rec
+    return done
+
+
 def run_job(cfg, out_dir: Path) -> dict:
-    """Run the job described by `cfg` into `out_dir`; returns the summary (also written to disk)."""
+    """Run the job described by `cfg` into `out_dir`; returns the summary (also written to disk).
+    Re-running it into the same directory keeps the turns already recorded and runs only the rest."""
     validate(cfg)
     questions = load_questions(cfg.task)
     drafter = build_drafter(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    done = finished_turns(out_dir, cfg)
+    n_turns = sum(len(q.turns) for q in questions)
+    summary_file = out_dir / "summary.json"
+    if summary_file.exists() and all((str(q.question_id), t) in done for q in questions for t in range(len(q.turns))):
+        print(f"[mtp] {out_dir}: all {n_turns} turns already recorded; job skipped", file=sys.stderr)
+        return json.loads(summary_file.read_text())
     model, tok = load_model(cfg.model)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
@@ -136,6 +175,9 @@ def run_job(cfg, out_dir: Path) -> dict:
     def prompt(messages):
         return chat_ids(tok, messages, thinking)
 
+    def answer(ids):
+        return {"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)}
+
     if cfg.warmup:  # one short generation of each kind, excluded from timing and records
         warm = prompt([{"role": "user", "content": questions[0].turns[0]}])
         drafter.setup(model)
@@ -144,32 +186,21 @@ def run_job(cfg, out_dir: Path) -> dict:
     drafter.setup(model)  # job-level drafter state starts clean after the warm-up
 
     records = []
-    n_turns = sum(len(q.turns) for q in questions)
     bar = tqdm(total=n_turns, desc=f"{cfg.model.name} {cfg.method.name} bc={cfg.bc}", unit="turn", file=sys.stderr)
-    with open(out_dir / "records.jsonl", "w") as f:
+    with open(out_dir / "records.jsonl", "w") as f:  # rewritten: finished turns first, then new ones
         for q in questions:
             history, ar_history = [], []  # each decoder continues its own conversation
             for turn, text in enumerate(q.turns):
                 history.append({"role": "user", "content": text})
-                ids = prompt(history)
-                rec = {"question_id": q.question_id, "category": q.category, "task": q.task, "turn": turn,
-                       "prompt_tokens": len(ids), "method": cfg.method.name, "bc": cfg.bc}
+                ar_history.append({"role": "user", "content": text})
+                rec = done.get((str(q.question_id), turn))
+                if rec is None:
+                    rec = run_turn(cfg, model, decoder, drafter, ar, prompt(history),
+                                   prompt(ar_history) if cfg.compare_ar else None)
+                    rec = {"question_id": q.question_id, "category": q.category, "task": q.task, "turn": turn} | rec
+                history.append(answer(rec["ids"]))
                 if cfg.compare_ar:
-                    ar_history.append({"role": "user", "content": text})
-                    ar_ids_prompt = prompt(ar_history)
-                    g_ar = decoder.generate(ar, ar_ids_prompt, cfg.max_new_tokens)
-                g = decoder.generate(drafter, ids, cfg.max_new_tokens)
-                rec |= _gen_fields(g)
-                if cfg.compare_ar:
-                    rec |= _gen_fields(g_ar, "ar_")
-                    if ids != ar_ids_prompt:
-                        diff = {"position": None, "reason": "prompt differs (an earlier turn diverged)"}
-                    else:
-                        diff = first_difference(model, ids, g.new_ids, g_ar.new_ids)
-                    rec["matches_ar"] = diff is None
-                    rec["first_diff"] = diff
-                    ar_history.append({"role": "assistant", "content": tok.decode(g_ar.new_ids, skip_special_tokens=True)})
-                history.append({"role": "assistant", "content": tok.decode(g.new_ids, skip_special_tokens=True)})
+                    ar_history.append(answer(rec["ar_ids"]))
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 records.append(rec)
@@ -186,13 +217,32 @@ def run_job(cfg, out_dir: Path) -> dict:
         "bc": cfg.bc,
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature,
+        "resumed_turns": len(done),
         "environment": environment(model),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     tmp = out_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out_dir / "summary.json")
+    os.replace(tmp, summary_file)
     return summary
+
+
+def run_turn(cfg, model, decoder, drafter, ar, ids, ar_ids) -> dict:
+    """One prompt turn: AR (when `ar_ids` is given), then the method; their counters and comparison."""
+    rec = {"prompt_tokens": len(ids), "method": cfg.method.name, "bc": cfg.bc}
+    if ar_ids is not None:
+        g_ar = decoder.generate(ar, ar_ids, cfg.max_new_tokens)
+    g = decoder.generate(drafter, ids, cfg.max_new_tokens)
+    rec |= _gen_fields(g)
+    if ar_ids is not None:
+        rec |= _gen_fields(g_ar, "ar_")
+        if ids != ar_ids:
+            diff = {"position": None, "reason": "prompt differs (an earlier turn diverged)"}
+        else:
+            diff = first_difference(model, ids, g.new_ids, g_ar.new_ids)
+        rec["matches_ar"] = diff is None
+        rec["first_diff"] = diff
+    return rec
 
 
 def format_summary(s: dict, out_dir: Path) -> str:
