@@ -12,8 +12,14 @@ SCALARS = ("tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", 
 
 
 def log_job(cfg, summary: dict, out_dir: Path) -> None:
+    """Resolved config, summary scalars as `<task>/<metric>`, the per-task τ table and the job's
+    acceptance histogram, in one W&B run per job, grouped by experiment."""
     if cfg.wandb.mode == "disabled":
         return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import wandb
 
     name = f"{cfg.model.name}-{cfg.method.name}-bc{cfg.bc}"
@@ -25,5 +31,11 @@ def log_job(cfg, summary: dict, out_dir: Path) -> None:
         scalars |= {f"{t}/tau": v for t, v in summary["per_task_tau"].items() if v is not None}
         if summary.get("lossless") is not None:
             scalars[f"{task}/lossless"] = int(summary["lossless"])
-        run.log(scalars)
+        table = wandb.Table(columns=["task", "tau"], data=[[t, v] for t, v in summary["per_task_tau"].items()])
+        fig, ax = plt.subplots(figsize=(5, 3))
+        hist = {int(k): v for k, v in summary["accept_hist"].items()}
+        ax.bar(list(hist), list(hist.values()))
+        ax.set(xlabel="tokens committed in one step", ylabel="decode steps", title=name)
+        run.log(scalars | {f"{task}/per_task_tau": table, f"{task}/accept_hist": wandb.Image(fig)})
+        plt.close(fig)
         run.summary.update(scalars)

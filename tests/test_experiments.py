@@ -23,7 +23,7 @@ def test_experiment_composes_and_narrows(name):
     assert cfg.wandb.group == name
 
 
-def test_multirun_to_tables_and_figures(tmp_path):
+def test_multirun_to_tables_and_figures(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     p = subprocess.run([sys.executable, "run.py", "experiment=fig4", "model=tiny_llama", "method=pld,esp", "bc=10,30",
                         "task.limit=2", "max_new_tokens=6", "wandb.mode=disabled", f"hydra.sweep.dir={sweep}"],
@@ -38,6 +38,18 @@ def test_multirun_to_tables_and_figures(tmp_path):
     md = (tmp_path / "report" / "table6_calls.md").read_text()
     assert "| tiny_llama | 10 |" in md and "Conditions: models: tiny_llama" in md
 
+    # the notebook shows the same tables and figures, executed headless
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / "results.ipynb", as_version=4)
+    monkeypatch.setenv("MTP_RESULTS", str(sweep))
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    assert any("table6_calls" in str(o.get("data", {})) for o in outputs)
+
 
 def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
@@ -49,3 +61,14 @@ def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     runs = load_runs(sweep)
     assert sorted(runs.status) == ["failed", "ok"]
     assert "too small" in runs[runs.status == "failed"].error.iloc[0]
+
+
+def test_local_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    """hydra/launcher=local (submitit's local executor), for real on the tiny model."""
+    p = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=local", "model=tiny_llama", "bc=10,30",
+                        "task.limit=1", "max_new_tokens=4", "wandb.mode=disabled", f"hydra.sweep.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = load_runs(tmp_path)
+    assert sorted(runs.bc) == [10, 30] and set(runs.status) == {"ok"} and all(runs.lossless)
+    assert (tmp_path / ".submitit").is_dir()
