@@ -168,3 +168,56 @@ def test_rejection_sampling_keeps_the_target_distribution(tiny, monkeypatch):
 
     monkeypatch.setattr(Decoder, "_reject_sample", biased)
     assert _rejection_chi2(dec, p_logits, q, 2, 6000, gen) > 20.5
+
+
+class RandomQDrafter(Drafter):
+    """Children of the root: k tokens drawn without replacement (Gumbel-Top-K, own RNG) from a fixed q,
+    carried in Block.draft_q so the loop verifies them by rejection."""
+
+    def __init__(self, q, k=4, seed=0):
+        self.q, self.k, self.gen = q, k, torch.Generator().manual_seed(seed)
+
+    def propose(self, tokens):
+        gumbel = -torch.log(-torch.log(torch.rand(self.q.shape[0], generator=self.gen)))
+        kids = torch.topk(torch.log(self.q) + gumbel, self.k).indices.tolist()
+        block = tree_block([tokens[-1]] + kids, [-1] + [0] * self.k)
+        block.draft_q = {0: (list(range(self.q.shape[0])), self.q.tolist())}
+        return block
+
+
+def chi2_threshold(dof: int) -> float:
+    """Upper 0.1% point of chi-square (Wilson-Hilferty)."""
+    z = 3.09
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+def test_rejection_end_to_end_matches_ar_distribution(tiny):
+    """The second generated token (the first one a decode step verifies) follows AR's exact marginal
+    Σ_t1 p(t1) p(t2 | t1) at T = 1 when drafts come from q and are verified by rejection: chi-square over
+    the tokens with >= 5 expected draws (+ the rest), 2000 seeded generations, p-value 0.001."""
+    model, tok, prompts = tiny
+    ids = prompts[2]
+    V = model.config.vocab_size
+    with torch.inference_mode():
+        p1 = torch.softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        batch = torch.tensor([ids + [t] for t in range(V)])
+        p2 = torch.softmax(model(batch).logits[:, -1].float(), -1)
+    marginal = p1 @ p2
+    n = 2000
+    # q overlaps the target but differs from it: flattened, with noise
+    noise = torch.exp(torch.randn(V, generator=torch.Generator().manual_seed(0)))
+    drafter = RandomQDrafter((marginal.sqrt() * noise) / (marginal.sqrt() * noise).sum())
+    counts = torch.zeros(V)
+    accepted = 0
+    for s in range(n):
+        g = Decoder(model, [], temperature=1.0, seed=s).generate(drafter, ids, 3)
+        counts[g.new_ids[1]] += 1
+        accepted += g.committed_per_step[0] > 1
+    expected = n * marginal
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    assert stat < chi2_threshold(len(obs) - 1), (stat, len(obs))
+    print(f"chi2 {stat:.1f} < {chi2_threshold(len(obs) - 1):.1f} ({len(obs)} bins), accepted {accepted}/{n}")
+    assert accepted > 50  # drafts were accepted by the rejection rule, not only rejected
