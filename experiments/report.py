@@ -27,7 +27,9 @@ def write_report(results: Path, out: Path) -> list[Path]:
         raise SystemExit(f"no job outputs (summary.json / error.json) under {results}")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    footer = "Conditions: " + conditions(runs)
+    # the tables are built from experiment sweeps: state their conditions, not those of stray single jobs
+    swept = runs[runs.group.notna()] if "group" in runs and runs.group.notna().any() else runs
+    footer = "Conditions: " + conditions(swept)
     for name, fn in TABLES.items():
         df = fn(runs)
         if df.empty:

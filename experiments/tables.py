@@ -127,7 +127,7 @@ def conditions(runs: pd.DataFrame) -> str:
     line = (f"models: {vals('model')}; dtype: {vals('dtype')}; device: {vals('device_name')}; task: {vals('task')}; "
             f"prompts per job: {vals('n_prompts')}; max new tokens: {vals('max_new_tokens')}; "
             f"temperature: {vals('temperature')}; torch {vals('torch')}, transformers {vals('transformers')}; "
-            f"git {vals('git')[:40]}")
+            "git " + ", ".join(sorted({str(g)[:7] for g in ok.git.dropna()})))
     failed = runs[runs.status == "failed"]
     if len(failed):
         line += "; FAILED (not in the numbers): " + "; ".join(f"{d} ({e})" for d, e in zip(failed.dir, failed.error))
