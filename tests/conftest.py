@@ -34,7 +34,6 @@ def tiny(request):
 def smollm2():
     cfg = compose_cfg(["model=smollm2_135m"])
     model, tok = load_model(cfg.model)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return model, tok, [chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
 
 
