@@ -28,6 +28,11 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
+def _offset(i: int, n: int, width: float) -> float:
+    """x shift of the i-th of n side-by-side bars of `width`, centred on the tick."""
+    return (i - (n - 1) / 2) * width
+
+
 def _methods(df):
     return [m for m in METHOD_ORDER if m in set(df.method)]
 
@@ -45,7 +50,7 @@ def plot_per_task_tau(runs: pd.DataFrame, out: Path) -> list[Path]:
         for ax, bc in zip(axes[0], bcs):
             for i, m in enumerate(methods):
                 d = dm[(dm.bc == bc) & (dm.method == m)].set_index("task").reindex(TASK_ORDER)
-                ax.bar(x + (i - (len(methods) - 1) / 2) * width, d.tau, width, label=METHOD_LABEL.get(m, m))
+                ax.bar(x + _offset(i, len(methods), width), d.tau, width, label=METHOD_LABEL.get(m, m))
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
             ax.set_xticks(x, [TASK_LABEL[t] for t in TASK_ORDER], fontsize=9)
             ax.set_title(f"bc = {bc}")
@@ -88,7 +93,7 @@ def plot_accept_hist(runs: pd.DataFrame, out: Path) -> list[Path]:
             hist = {int(k): v for k, v in d[d.method == m].iloc[-1].accept_hist.items()}
             n = np.arange(1, max(hist) + 1)
             share = np.array([hist.get(int(k), 0) for k in n]) / sum(hist.values())
-            ax.bar(n + (i - (len(methods) - 1) / 2) * width, share, width, label=METHOD_LABEL.get(m, m))
+            ax.bar(n + _offset(i, len(methods), width), share, width, label=METHOD_LABEL.get(m, m))
         ax.set(xlabel="tokens committed in one step", ylabel="share of decode steps", title=f"{model}, bc = {bc}")
         ax.legend(fontsize=8)
         paths += _save(fig, out, f"accept_hist_{model}_bc{bc}")
@@ -107,7 +112,7 @@ def plot_call_reduction(runs: pd.DataFrame, out: Path) -> list[Path]:
         width = 0.8 / max(1, len(methods))
         for i, m in enumerate(methods):
             d = dm[dm.method == m].set_index("bc").reindex(bcs)
-            ax.bar(x + (i - (len(methods) - 1) / 2) * width, 100 * d.call_reduction.astype(float), width,
+            ax.bar(x + _offset(i, len(methods), width), 100 * d.call_reduction.astype(float), width,
                    label=METHOD_LABEL.get(m, m))
         ax.set_xticks(x, [str(b) for b in bcs])
         ax.set(xlabel="block complexity", ylabel="fewer forward calls than AR (%)", title=model)

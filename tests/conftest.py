@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mtp.loop import Decoder
+from mtp.loop import Decoder, Drafter
 from mtp.models import chat_ids, load_model
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -51,3 +51,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def refs(tiny, request):
+    """AR's greedy output for each tiny-model prompt, N_NEW tokens (the test module's) without EOS."""
+    model, tok, prompts = tiny
+    n = getattr(request.module, "N_NEW", 30)
+    return [decode(model, Drafter(), ids, n=n).new_ids for ids in prompts]

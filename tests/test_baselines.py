@@ -16,13 +16,8 @@ BCS = (10, 17, 30, 60)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-run = functools.partial(decode, n=40)
-
-
-@pytest.fixture(scope="module")
-def refs(tiny):
-    model, tok, prompts = tiny
-    return [run(model, Drafter(), ids).new_ids for ids in prompts]
+N_NEW = 40
+run = functools.partial(decode, n=N_NEW)
 
 
 @pytest.mark.parametrize("bc", BCS)

@@ -19,12 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 run = functools.partial(decode, n=N_NEW)
 
 
-@pytest.fixture(scope="module")
-def refs(tiny):
-    model, tok, prompts = tiny
-    return [run(model, Drafter(), ids).new_ids for ids in prompts]
-
-
 def test_paper_trees():
     assert [fit_widths(10, 1), fit_widths(30, 1), fit_widths(60, 2), fit_widths(60, 1), fit_widths(120, 3)] == [
         [4], [14], [15, 4], [29], [15, 10, 4]]

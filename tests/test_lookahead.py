@@ -25,12 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 run = functools.partial(decode, n=N_NEW)
 
 
-@pytest.fixture(scope="module")
-def refs(tiny):
-    model, tok, prompts = tiny
-    return [run(model, Drafter(), ids).new_ids for ids in prompts]
-
-
 # --------------------------------------------------------------------------- configuration
 def test_fit_by_bc():
     assert [fit_params(bc) for bc in (10, 30, 60)] == [(3, 4, 1), (4, 5, 5), (5, 8, 7)]  # the paper's

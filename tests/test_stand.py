@@ -32,12 +32,6 @@ class Checked(Stand):
         return block
 
 
-@pytest.fixture(scope="module")
-def refs(tiny):
-    model, tok, prompts = tiny
-    return [run(model, Drafter(), ids).new_ids for ids in prompts]
-
-
 @pytest.mark.parametrize("bc,persist,gumbel", itertools.product((10, 17, 30, 60), (False, True), (False, True)))
 def test_greedy_equals_ar(tiny, refs, bc, persist, gumbel):
     model, tok, prompts = tiny
