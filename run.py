@@ -16,12 +16,25 @@ from mtp.runner import format_summary, run_job
 from mtp.tracking import log_job
 
 
+def run_any(cfg, out_dir: Path) -> tuple[dict, str]:
+    """The job `cfg.job` names: `decode` (a method against AR) or `alignment` (Figure 2's analysis)."""
+    if cfg.job == "alignment":
+        from experiments.alignment import format_alignment, run_alignment
+
+        summary = run_alignment(cfg, out_dir)
+        return summary, format_alignment(summary, out_dir)
+    if cfg.job != "decode":
+        raise ConfigError(f"job={cfg.job!r}: expected decode or alignment")
+    summary = run_job(cfg, out_dir)
+    return summary, format_summary(summary, out_dir)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     try:
-        summary = run_job(cfg, out_dir)
+        summary, text = run_any(cfg, out_dir)
     except Exception as e:
         known = isinstance(e, (ConfigError, DataError, ModelLoadError))
         print(f"error: {e}" if known else traceback.format_exc(), file=sys.stderr)
@@ -32,7 +45,7 @@ def main(cfg) -> None:
         (out_dir / "error.json").write_text(json.dumps(
             {"error": str(e), "type": type(e).__name__, "traceback": traceback.format_exc()}, indent=2))
         return
-    print(format_summary(summary, out_dir))
+    print(text)
     log_job(cfg, summary, out_dir)
 
 

@@ -121,4 +121,39 @@ def plot_call_reduction(runs: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def plot_alignment(summaries: list[dict], out: Path) -> list[Path]:
+    """Figure 2 / Lemma 3.1 (one per alignment job): per-layer cosine of the mask's and the true token's
+    hidden states, accepted vs rejected; and P(true token in the mask's Top-K) per last-layer cosine bin."""
+    paths = []
+    for s in summaries:
+        if not s.get("n_slots"):
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for key, label, color in (("accepted", "mask top-1 = true token", "tab:green"),
+                                  ("rejected", "mask top-1 ≠ true token", "tab:red")):
+            mean, se = s.get(f"cos_{key}"), s.get(f"cos_{key}_se")
+            if mean is None:
+                continue
+            layers = np.arange(len(mean))
+            n = s[f"n_{key}"]
+            a1.plot(layers, mean, "o-", ms=3, color=color, label=f"{label} (n = {n})")
+            a1.fill_between(layers, np.subtract(mean, se), np.add(mean, se), color=color, alpha=0.2)
+        a1.set(xlabel="layer (0 = input embeddings)", ylabel="cosine similarity (mean ± s.e.)",
+               title="mask vs true token, same slot")
+        a1.legend(fontsize=8)
+        bins = [b for b in s["last_layer_bins"] if b["n"]]
+        mids = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        a2.bar(mids, [b["p_in_top_k"] for b in bins], width=0.9 * (bins[0]["hi"] - bins[0]["lo"]), color="tab:blue")
+        for x, b in zip(mids, bins):
+            a2.annotate(f"n={b['n']}", (x, b["p_in_top_k"]), ha="center", va="bottom", fontsize=7)
+        if s.get("delta_star") is not None:
+            a2.axvline(s["delta_star"], color="k", ls="--", lw=0.8, label=f"δ* = {s['delta_star']:.3f}")
+            a2.legend(fontsize=8, loc="upper left")
+        a2.set(xlabel="last-layer cosine similarity", ylabel=f"P(true token in mask's Top-{s['top_k']})",
+               ylim=(0, 1.1), title="Lemma 3.1: similarity vs Top-K hit")
+        fig.suptitle(f"ESP mask alignment — {s['model']}, {s['task']} ({s['n_turns']} turns, {s['n_slots']} slots)")
+        paths += _save(fig, out, f"fig2_alignment_{s['model']}")
+    return paths
+
+
 FIGURES = [plot_per_task_tau, plot_vs_bc, plot_accept_hist, plot_call_reduction]

@@ -10,7 +10,8 @@ import argparse
 import os
 from pathlib import Path
 
-from experiments.figures import FIGURES
+from experiments.alignment import load_alignment
+from experiments.figures import FIGURES, plot_alignment
 from experiments.results import load_runs
 from experiments.tables import TABLES, conditions, to_latex, to_markdown
 
@@ -22,11 +23,13 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_report(results: Path, out: Path) -> list[Path]:
-    runs = load_runs(results)
-    if runs.empty:
-        raise SystemExit(f"no job outputs (summary.json / error.json) under {results}")
+    runs, alignment = load_runs(results), load_alignment(results)
+    if runs.empty and not alignment:
+        raise SystemExit(f"no job outputs (summary.json / alignment.json / error.json) under {results}")
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written = plot_alignment(alignment, out / "figures")
+    if runs.empty:
+        return written
     # the tables are built from experiment sweeps: state their conditions, not those of stray single jobs
     swept = runs[runs.group.notna()] if "group" in runs and runs.group.notna().any() else runs
     footer = "Conditions: " + conditions(swept)

@@ -23,6 +23,9 @@ def log_job(cfg, summary: dict, out_dir: Path) -> None:
     import wandb
 
     name = f"{cfg.model.name}-{cfg.method.name}-bc{cfg.bc}"
+    if summary.get("job") == "alignment":
+        _log_alignment(cfg, summary, out_dir, name + "-alignment")
+        return
     # one run per job: `with` finishes it, so a multirun never reuses the first job's run
     with wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, name=name, mode=cfg.wandb.mode,
                     dir=str(out_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous") as run:
@@ -38,4 +41,20 @@ def log_job(cfg, summary: dict, out_dir: Path) -> None:
         ax.set(xlabel="tokens committed in one step", ylabel="decode steps", title=name)
         run.log(scalars | {f"{task}/per_task_tau": table, f"{task}/accept_hist": wandb.Image(fig)})
         plt.close(fig)
+        run.summary.update(scalars)
+
+
+def _log_alignment(cfg, summary: dict, out_dir: Path, name: str) -> None:
+    """Figure 2's job: its scalars and the per-layer cosine curves (accepted vs rejected) as a table."""
+    import wandb
+
+    with wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, name=name, mode=cfg.wandb.mode,
+                    dir=str(out_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous") as run:
+        scalars = {f"alignment/{k}": summary[k] for k in ("top1_rate", "top_k_rate", "delta_star", "n_slots")
+                   if summary.get(k) is not None}
+        acc, rej = summary.get("cos_accepted") or [], summary.get("cos_rejected") or []
+        rows = [[i, acc[i] if i < len(acc) else None, rej[i] if i < len(rej) else None]
+                for i in range(max(len(acc), len(rej)))]
+        table = wandb.Table(columns=["layer", "cos_accepted", "cos_rejected"], data=rows)
+        run.log(scalars | {"alignment/per_layer_cos": table})
         run.summary.update(scalars)

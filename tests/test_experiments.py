@@ -51,6 +51,27 @@ def test_multirun_to_tables_and_figures(tmp_path, monkeypatch):
     assert any("table6_calls" in str(o.get("data", {})) for o in outputs)
 
 
+def test_fig2_alignment_job_to_figure(tmp_path):
+    """experiment=fig2 runs the alignment job (not a decode job), logs it to W&B offline, and the report
+    draws Figure 2 from its alignment.json."""
+    import json
+
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "run.py", "experiment=fig2", "model=tiny_llama", "task.limit=2",
+                        "max_new_tokens=8", "wandb.mode=offline", f"hydra.sweep.dir={sweep}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (summary_file,) = sweep.rglob("alignment.json")
+    s = json.loads(summary_file.read_text())
+    assert s["job"] == "alignment" and s["n_turns"] == 4 and s["n_slots"] > 0  # 2 questions x 2 turns
+    assert len(s["cos_accepted"] or s["cos_rejected"]) == 3  # tiny_llama: 2 layers + embeddings
+    assert len((summary_file.parent / "alignment.jsonl").read_text().splitlines()) == 4
+    assert list(summary_file.parent.glob("wandb/offline-run-*/run-*.wandb"))
+    assert "delta* (last layer)" in p.stdout
+    written = {p.name for p in write_report(sweep, tmp_path / "report")}
+    assert {"fig2_alignment_tiny_llama.png", "fig2_alignment_tiny_llama.pdf"} <= written
+
+
 def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     # bc=5 is below ESP's k=2 minimum (9): that job fails, the bc=30 job still runs
