@@ -9,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from mtp.cli import check_command_line
 from mtp.data import DataError
 from mtp.models import ModelLoadError
 from mtp.errors import ConfigError
@@ -50,4 +51,8 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    problem = check_command_line(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

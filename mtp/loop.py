@@ -161,6 +161,8 @@ class Decoder:
 
         # 1. prefill: prompt (+ the drafter's probe rows, whose KV is dropped afterwards)
         t = len(prompt_ids)
+        if not 0 < t <= self.max_positions:
+            raise ValueError(f"a prompt of {t} tokens does not fit: the model takes 1 to {self.max_positions} positions")
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         probes = drafter.prefill_probes(prompt_ids)
         if probes is None:
@@ -178,13 +180,19 @@ class Decoder:
         if root in self.eos:
             gen.stop = "eos"
 
+        drafting = True  # until the context is too full for the drafter's blocks
         while gen.stop == "max_new_tokens" and len(gen.new_ids) < max_new_tokens:
-            # 2. propose
-            block = drafter.propose(tokens)
             cache_len = cache.get_seq_length()
-            if cache_len + int(block.depth.max()) + 1 > self.max_positions:
+            if cache_len + 1 > self.max_positions:  # not even the root fits: the same point for every method
                 gen.stop = "context_limit"
                 break
+            # 2. propose; near the end of the context a block that does not fit is replaced by plain AR
+            # steps to the end, so every method stops at exactly AR's length
+            block = drafter.propose(tokens) if drafting else None
+            if block is not None and cache_len + int(block.depth.max()) + 1 > self.max_positions:
+                drafting, block = False, None
+            if block is None:
+                block = chain_block([tokens[-1]])
             # 3. one forward of the whole block
             logits = self._forward(block, cache, cache_len)
             gen.decode_calls += 1
@@ -206,7 +214,8 @@ class Decoder:
             # 5. drop rejected and probe KV rows: keep prefix + root + accepted path, in order
             _keep_rows(cache, cache_len, path)
             # 6. the drafter observes the forward
-            drafter.observe(Step(block, logits, path, committed))
+            if drafting:
+                drafter.observe(Step(block, logits, path, committed))
         self._sync()
         gen.wall_s = time.perf_counter() - t0
         return gen

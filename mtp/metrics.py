@@ -38,6 +38,7 @@ def summarize(records: list[dict]) -> dict:
         "wall_s": wall,
         "n_prompts": len({r["question_id"] for r in records}),
         "n_turns": len(records),
+        "stops": dict(sorted(Counter(r["stop"] for r in records).items())),  # why each turn ended
         "compared_with_ar": compared,
     }
     if compared:

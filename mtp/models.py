@@ -75,8 +75,13 @@ def _load_gguf_package(cfg, dtype):
     cache = Path(os.path.expanduser(cfg.cache_dir)) / f"{cfg.name}-{key}"
     if not (cache / "model.safetensors").is_file():
         _dequantize_to(src, cache)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(cache)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(cache)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"the cached weights in {cache} cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); delete that folder and they are "
+                             "dequantized again from the GGUF") from e
     return model, tok
 
 
@@ -99,19 +104,45 @@ def _dequantize_to(src: Path, cache: Path) -> None:
 
 
 # --------------------------------------------------------------------------- hub / local checkpoints
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint accepts a TCP connection (seconds, not huggingface_hub's minute of retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub(cfg, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local_dir = Path(os.path.expanduser(str(cfg.path))).is_dir()
+    point_at = f"Download the checkpoint elsewhere and point at it: python run.py model={cfg.name} model.path=/path/to/local/dir"
+
+    def load(**kw):
+        return (AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **kw),
+                AutoTokenizer.from_pretrained(cfg.path, **kw))
+
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.path)
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        if local_dir:
+            return load()
+        try:
+            return load(local_files_only=True)  # already in the local hub cache: no network
+        except OSError:
+            pass
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+            raise ModelLoadError(f"model {cfg.name}: {cfg.path!r} is not in the local hub cache and the hub "
+                                 f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable. {point_at}")
+        return load()
     except (OSError, ValueError) as e:
         raise ModelLoadError(
-            f"model {cfg.name}: cannot load {cfg.path!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "The hub is unreachable from here or the weights are gated/missing. Download the checkpoint "
-            f"elsewhere and point at it: python run.py model={cfg.name} model.path=/path/to/local/dir"
-        ) from e
-    return model, tok
+            f"model {cfg.name}: cannot load {cfg.path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"{'The folder does not hold a readable checkpoint (config.json + weights + tokenizer). ' if local_dir else 'The weights may be gated or missing. '}"
+            + point_at) from e
 
 
 # --------------------------------------------------------------------------- tiny random models

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mtp.data import REPO_ROOT, load_questions
+from mtp.data import REPO_ROOT, DataError, load_questions
 from mtp.errors import ConfigError
 from mtp.loop import Decoder, Drafter, Generation
 from mtp.metrics import summarize
@@ -140,14 +140,21 @@ def finished_turns(out_dir: Path, cfg) -> dict[tuple[str, int], dict]:
         tmp = job.with_suffix(".tmp")
         tmp.write_text(json.dumps({"fingerprint": fp, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
         os.replace(tmp, job)
-    done = {}
+    done, lines = {}, []
     if path.exists():
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        for line in text.splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break
             done[(str(rec["question_id"]), rec["turn"])] = rec
+            lines.append(line)
+        kept = "".join(line + "\n" for line in lines)
+        if kept != text:  # drop the torn tail atomically; new turns are appended after the kept ones
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(kept)
+            os.replace(tmp, path)
     return done
 
 
@@ -178,6 +185,8 @@ def run_job(cfg, out_dir: Path) -> dict:
     def answer(ids):
         return {"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)}
 
+    for q in questions:  # fail before generating anything if a first turn cannot fit in the context
+        check_fits(decoder, cfg.model.name, q.question_id, 0, prompt([{"role": "user", "content": q.turns[0]}]))
     if cfg.warmup:  # one short generation of each kind, excluded from timing and records
         warm = prompt([{"role": "user", "content": questions[0].turns[0]}])
         drafter.setup(model)
@@ -185,9 +194,9 @@ def run_job(cfg, out_dir: Path) -> dict:
         decoder.generate(drafter, warm, 4)
     drafter.setup(model)  # job-level drafter state starts clean after the warm-up
 
-    records = []
+    records, committed, calls, lossless = [], 0, 0, True  # running totals for the progress bar
     bar = tqdm(total=n_turns, desc=f"{cfg.model.name} {cfg.method.name} bc={cfg.bc}", unit="turn", file=sys.stderr)
-    with open(out_dir / "records.jsonl", "w") as f:  # rewritten: finished turns first, then new ones
+    with open(out_dir / "records.jsonl", "a") as f:  # appended: a kill never loses a finished turn
         for q in questions:
             history, ar_history = [], []  # each decoder continues its own conversation
             for turn, text in enumerate(q.turns):
@@ -195,18 +204,22 @@ def run_job(cfg, out_dir: Path) -> dict:
                 ar_history.append({"role": "user", "content": text})
                 rec = done.get((str(q.question_id), turn))
                 if rec is None:
-                    rec = run_turn(cfg, model, decoder, drafter, ar, prompt(history),
-                                   prompt(ar_history) if cfg.compare_ar else None)
+                    ids, ar_ids = prompt(history), prompt(ar_history) if cfg.compare_ar else None
+                    for x in (ids, ar_ids or []):
+                        check_fits(decoder, cfg.model.name, q.question_id, turn, x)
+                    rec = run_turn(cfg, model, decoder, drafter, ar, ids, ar_ids)
                     rec = {"question_id": q.question_id, "category": q.category, "task": q.task, "turn": turn} | rec
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
                 history.append(answer(rec["ids"]))
                 if cfg.compare_ar:
                     ar_history.append(answer(rec["ar_ids"]))
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
                 records.append(rec)
+                committed += rec["decode_committed"]
+                calls += rec["decode_calls"]
+                lossless = lossless and rec.get("matches_ar", True)
                 bar.update(1)
-                s = summarize(records)
-                bar.set_postfix(tau=f"{s['tau'] or 0:.2f}", **({"lossless": s["lossless"]} if cfg.compare_ar else {}))
+                bar.set_postfix(tau=f"{committed / max(calls, 1):.2f}", **({"lossless": int(lossless)} if cfg.compare_ar else {}))
     bar.close()
 
     summary = summarize(records)
@@ -225,6 +238,15 @@ def run_job(cfg, out_dir: Path) -> dict:
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, summary_file)
     return summary
+
+
+def check_fits(decoder: Decoder, model: str, question_id, turn: int, ids: list[int]) -> None:
+    """A prompt longer than the model's context is refused, saying by how much."""
+    if len(ids) > decoder.max_positions:
+        over = len(ids) - decoder.max_positions
+        raise DataError(f"question {question_id} turn {turn}: the prompt is {len(ids)} tokens, {over} more than "
+                        f"{model}'s context of {decoder.max_positions} positions; leave it out (task.limit, "
+                        f"task.categories) or use a model with a longer context")
 
 
 def run_turn(cfg, model, decoder, drafter, ar, ids, ar_ids) -> dict:
@@ -258,6 +280,9 @@ def format_summary(s: dict, out_dir: Path) -> str:
         f"  decode calls          {s['decode_calls']}   (AR {s.get('ar_decode_calls', 'n/a')}, reduction {f(s['call_reduction'])})",
         f"  tokens per forward    max {s['max_tokens_per_forward']}, mean {f(s['mean_tokens_per_forward'], '.1f')}",
         f"  accepted per step     {s['accept_hist']}",
+        f"  turns ended by        " + ", ".join(f"{k} {v}" for k, v in s.get("stops", {}).items())
+        + ("  (context_limit: the model's context filled up before max_new_tokens)"
+           if "context_limit" in s.get("stops", {}) else ""),
         f"  lossless              {s['lossless']}" + (f"  ({s['n_mismatches']} turns differ; see records.jsonl first_diff)" if s.get("n_mismatches") else ""),
         "  per task tau          " + ", ".join(f"{k} {f(v, '.2f')}" for k, v in s["per_task_tau"].items()),
         f"  device                {s['environment']['device_name']} ({s['environment']['dtype']}, torch {s['environment']['torch']})",

@@ -1,0 +1,158 @@
+"""Losslessness audit: every method's output ids against AR's, turn by turn, in full.
+
+    python -m experiments.audit --results results            # exit 1 on any difference
+    python -m experiments.audit --results results --gap      # + top-2 logit gaps of cross-job differences
+
+Two comparisons for each job folder (a `records.jsonl` beside its `job.json`):
+- **in-job**: each turn's `ids` against the AR twin's `ar_ids` generated in the same job;
+- **cross-job**: against the records of a separate `method=ar` job with the same model, dtype, task,
+  max_new_tokens, temperature and seed (if there is one under `--results`).
+Ids are compared whole: a shorter or longer output is a difference at the first position one of them
+lacks (never a zip-truncated match). Each difference is reported with its first position, both tokens
+and the model's top-2 logit gap there (from the record for in-job differences; `--gap` loads the model
+to compute it for cross-job ones), so a near-tie shows as a tiny gap. Incomplete jobs are audited on the
+turns they have and said to be incomplete; turns only one side has are listed, not compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def first_mismatch(ids: list[int], ref: list[int]) -> int | None:
+    """The first position where `ids` and `ref` differ, a missing token included; None if identical."""
+    n = min(len(ids), len(ref))
+    pos = next((i for i in range(n) if ids[i] != ref[i]), None)
+    if pos is None and len(ids) != len(ref):
+        pos = n
+    return pos
+
+
+def _jobs(root: Path) -> list[dict]:
+    jobs = []
+    for rec_file in sorted(root.rglob("records.jsonl")):
+        job_file = rec_file.parent / "job.json"
+        if not job_file.exists():
+            continue
+        cfg = json.loads(job_file.read_text())["config"]
+        records = []
+        for line in rec_file.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line of a killed job
+        task = {k: v for k, v in cfg["task"].items() if k != "cache_dir"}
+        key = json.dumps([cfg["model"]["name"], cfg["model"].get("dtype"), task, cfg["max_new_tokens"],
+                          cfg["temperature"], cfg["seed"]], sort_keys=True)
+        jobs.append({"dir": rec_file.parent, "config": cfg, "key": key, "records": records,
+                     "complete": (rec_file.parent / "summary.json").exists(), "method": cfg["method"]["name"]})
+    return jobs
+
+
+def _gap_fn(job: dict):
+    """(turn record, AR record) -> top-2 gap at the first difference, with the job's model loaded once."""
+    from omegaconf import OmegaConf
+
+    from mtp.data import load_questions
+    from mtp.models import chat_ids, load_model
+    from mtp.runner import first_difference
+
+    cfg = OmegaConf.create(job["config"])
+    model, tok = load_model(cfg.model)
+    questions = {str(q.question_id): q for q in load_questions(cfg.task)}
+
+    def gap(rec: dict, ar: dict, ar_records: dict) -> dict | None:
+        q = questions.get(str(rec["question_id"]))
+        if q is None:
+            return None
+        history = []
+        for t in range(rec["turn"]):  # the prompt AR saw: earlier turns with AR's answers
+            history += [{"role": "user", "content": q.turns[t]},
+                        {"role": "assistant", "content": tok.decode(ar_records[(str(q.question_id), t)]["ids"],
+                                                                    skip_special_tokens=True)}]
+        history.append({"role": "user", "content": q.turns[rec["turn"]]})
+        prompt = chat_ids(tok, history, cfg.model.get("thinking"))
+        return first_difference(model, prompt, rec["ids"], ar["ids"])
+
+    return gap
+
+
+def audit(root: Path, with_gap: bool = False, out=sys.stdout) -> int:
+    """Prints one block per method job; returns the number of differing turns (0 = lossless)."""
+    jobs = _jobs(root)
+    if not jobs:
+        raise SystemExit(f"no job records (records.jsonl + job.json) under {root}")
+    ar_jobs = {}
+    for j in jobs:
+        if j["method"] == "ar":
+            ar_jobs.setdefault(j["key"], j)
+    n_diff = unchecked = 0
+    for job in (j for j in jobs if j["method"] != "ar"):
+        label = str(job["dir"].relative_to(root)) if job["dir"] != root else str(root)
+        lines, diffs = [], 0
+        # in-job: against the AR twin of the same turn
+        twins = [r for r in job["records"] if "ar_ids" in r]
+        for r in twins:
+            pos = first_mismatch(r["ids"], r["ar_ids"])
+            if pos is not None:
+                diffs += 1
+                fd = r.get("first_diff") or {}
+                gap = fd.get("top2_gap")
+                lines.append(f"    in-job    question {r['question_id']} turn {r['turn']}: first difference at token "
+                             f"{pos} (method {_at(r['ids'], pos)}, AR {_at(r['ar_ids'], pos)})"
+                             + (f", top-2 logit gap {gap:.3g}" if gap is not None else
+                                f", {fd['reason']}" if fd.get("reason") else ""))
+        # cross-job: against a separate AR job of the same setting
+        ar = ar_jobs.get(job["key"])
+        cross, only_one_side = 0, 0
+        if ar is not None:
+            ar_recs = {(str(r["question_id"]), r["turn"]): r for r in ar["records"]}
+            mine = {(str(r["question_id"]), r["turn"]): r for r in job["records"]}
+            only_one_side = len(set(ar_recs) ^ set(mine))
+            gap_fn = None
+            for k in sorted(set(ar_recs) & set(mine), key=lambda k: (k[0], k[1])):
+                cross += 1
+                pos = first_mismatch(mine[k]["ids"], ar_recs[k]["ids"])
+                if pos is None:
+                    continue
+                diffs += 1
+                extra = ""
+                if with_gap:
+                    gap_fn = gap_fn or _gap_fn(job)
+                    fd = gap_fn(mine[k], ar_recs[k], ar_recs)
+                    extra = f", top-2 logit gap {fd['top2_gap']:.3g}" if fd else ""
+                lines.append(f"    cross-job question {k[0]} turn {k[1]}: first difference at token {pos} "
+                             f"(method {_at(mine[k]['ids'], pos)}, AR {_at(ar_recs[k]['ids'], pos)}){extra}")
+        status = "DIFFERS" if diffs else "ok" if twins or cross else "UNCHECKED"
+        unchecked += not (twins or cross)
+        where = f"; {cross} turns against AR job {ar['dir'].relative_to(root) if ar['dir'] != root else root}" if ar else "; no separate AR job"
+        print(f"{status:8s}{label}: {len(twins)} turns against the in-job AR twin{where}"
+              + ("" if job["complete"] else f"; INCOMPLETE ({len(job['records'])} turns recorded)")
+              + (f"; {only_one_side} turns only one side has" if only_one_side else ""), file=out)
+        for line in lines:
+            print(line, file=out)
+        n_diff += diffs
+    print(f"{n_diff} differing turns" if n_diff else "lossless: every audited turn is identical to AR", file=out)
+    if unchecked:
+        print(f"{unchecked} jobs UNCHECKED: run with compare_ar=true, or put a method=ar job of the same setting "
+              f"under {root}", file=out)
+    return n_diff
+
+
+def _at(ids: list[int], pos: int):
+    return ids[pos] if pos < len(ids) else "(ended)"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=Path("results"), help="folder searched for job records")
+    ap.add_argument("--gap", action="store_true", help="load the model to give cross-job differences their top-2 gap")
+    args = ap.parse_args(argv)
+    sys.exit(1 if audit(args.results, args.gap) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Command-line checks that run before Hydra composes anything, so a typo or an unusable output folder
+gets one clear line instead of a stack trace (and nothing is loaded first)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "method", "task", "experiment", "esp_tree")  # hydra/launcher also has plugin launchers: Hydra checks it
+OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _values(value: str) -> list[str]:
+    """The values of a sweep override (`a,b`, `choice(a,b)`) or of a plain one."""
+    v = value.strip()
+    if v.startswith("choice(") and v.endswith(")"):
+        v = v[len("choice("):-1]
+    return [x.strip().strip("'\"") for x in v.split(",") if x.strip()]
+
+
+def writable(path: Path) -> str | None:
+    """None if the folder `path` can be created and written (tried for real: permission bits do not
+    stop root), else why not."""
+    p = path if path.is_absolute() else Path.cwd() / path
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"{p} ({e.strerror or e})"
+    return None
+
+
+def check_command_line(argv: list[str]) -> str | None:
+    """The first problem with the `key=value` overrides in `argv`, as a message, or None."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key in GROUPS and value not in ("null", ""):
+            valid = choices(key)
+            unknown = [v for v in _values(value) if v not in valid]
+            if unknown:
+                return f"unknown {key} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
+        if key in OUTPUT_KEYS and "${" not in value:
+            why = writable(Path(os.path.expanduser(value)))
+            if why:
+                return f"cannot write results to {why}; pass a writable {key}=..."
+    if not any(a.split("=", 1)[0] in OUTPUT_KEYS for a in argv):  # the defaults write under ./results
+        why = writable(Path("results"))
+        if why:
+            return f"cannot write results to {why}; run from a writable folder or pass hydra.run.dir=... / hydra.sweep.dir=..."
+    return None
