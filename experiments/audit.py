@@ -80,8 +80,9 @@ def _gap_fn(job: dict):
     return gap
 
 
-def audit(root: Path, with_gap: bool = False, out=sys.stdout) -> int:
+def audit(root: Path, with_gap: bool = False, out=None) -> int:
     """Prints one block per method job; returns the number of differing turns (0 = lossless)."""
+    out = out or sys.stdout
     jobs = _jobs(root)
     if not jobs:
         raise SystemExit(f"no job records (records.jsonl + job.json) under {root}")
@@ -129,7 +130,7 @@ def audit(root: Path, with_gap: bool = False, out=sys.stdout) -> int:
         status = "DIFFERS" if diffs else "ok" if twins or cross else "UNCHECKED"
         unchecked += not (twins or cross)
         where = f"; {cross} turns against AR job {ar['dir'].relative_to(root) if ar['dir'] != root else root}" if ar else "; no separate AR job"
-        print(f"{status:8s}{label}: {len(twins)} turns against the in-job AR twin{where}"
+        print(f"[{status}] {label}: {len(twins)} turns against the in-job AR twin{where}"
               + ("" if job["complete"] else f"; INCOMPLETE ({len(job['records'])} turns recorded)")
               + (f"; {only_one_side} turns only one side has" if only_one_side else ""), file=out)
         for line in lines:
