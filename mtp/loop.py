@@ -120,6 +120,7 @@ class Generation:
     tokens_fed_max: int = 0
     tokens_fed_sum: int = 0
     wall_s: float = 0.0
+    prefill_s: float = 0.0  # of wall_s: the prefill forward and the first token
 
     @property
     def accept_hist(self) -> dict[int, int]:
@@ -172,6 +173,8 @@ class Decoder:
             out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
             _keep_rows(cache, t, [])
         gen.prefill_calls = 1
+        self._sync()
+        gen.prefill_s = time.perf_counter() - t0
         logits = out.logits[0].float()
         root = self._pick(logits[t - 1])
         drafter.observe_prefill(logits[t:] if probes is not None else None, root)
