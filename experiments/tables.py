@@ -30,17 +30,28 @@ def _methods(df) -> list[str]:
 
 
 def table1(runs: pd.DataFrame) -> pd.DataFrame:
-    """τ and S/R per method, rows (model, bc), ours beside the paper's."""
+    """τ and S/R per method, a row per (model, bc): ours, then the paper's published rows at the same bcs
+    (every paper model, so a model the paper did not run still sits beside the paper's numbers)."""
     df = ok_runs(runs, ["table1"])
+    if df.empty:
+        return pd.DataFrame()
+    methods = _methods(df)
     rows = []
     for (model, bc), g in df.groupby(["model", "bc"], sort=True):
-        ref = paper.TABLE1.get((model, bc), {})
-        row = {"model": model, "bc": bc}
-        for m in _methods(g):
-            r = g[g.method == m].iloc[-1]
+        row = {"source": "ours", "model": model, "bc": bc}
+        for m in methods:
+            r = g[g.method == m]
             label = METHOD_LABEL.get(m, m)
-            row |= {f"{label} τ": r.tau, f"{label} τ (paper)": ref.get(m, (None, None))[0],
-                    f"{label} S/R": r.speedup, f"{label} S/R (paper)": ref.get(m, (None, None))[1]}
+            row |= {f"{label} τ": r.tau.iloc[-1] if len(r) else None, f"{label} S/R": r.speedup.iloc[-1] if len(r) else None}
+        rows.append(row)
+    for (model, bc), ref in sorted(paper.TABLE1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if bc not in set(df.bc):
+            continue
+        row = {"source": "paper", "model": model, "bc": bc}
+        for m in methods:
+            label = METHOD_LABEL.get(m, m)
+            tau, sr = ref.get(m, (None, None))
+            row |= {f"{label} τ": tau, f"{label} S/R": sr}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -54,6 +65,19 @@ def per_task_tau(runs: pd.DataFrame, groups=("fig4", "table1", "table6_calls", "
             if task in (r.per_task_tau or {}):
                 rows.append({"model": r.model, "method": r.method, "bc": r.bc, "task": task, "tau": r.per_task_tau[task]})
     return pd.DataFrame(rows)
+
+
+def per_task_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Per-task τ as a table: a row per (model, method, bc), a column per Spec-Bench task."""
+    if long.empty:
+        return long
+    wide = long.pivot_table(index=["model", "method", "bc"], columns="task", values="tau", aggfunc="last")
+    wide = wide[[t for t in TASK_ORDER if t in wide.columns]].reset_index()
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    wide = wide.sort_values(["model", "bc", "method"], key=lambda c: c.map(order) if c.name == "method" else c)
+    wide["method"] = wide.method.map(lambda m: METHOD_LABEL.get(m, m))
+    wide.columns.name = None
+    return wide.reset_index(drop=True)
 
 
 def _ablation(runs, group, by, paper_col=None) -> pd.DataFrame:
@@ -101,7 +125,7 @@ def table6_calls(runs):
 
 TABLES = {
     "table1": table1,
-    "fig4_per_task_tau": per_task_tau,
+    "fig4_per_task_tau": lambda runs: per_task_table(per_task_tau(runs)),
     "table2_dynamic": table2_dynamic,
     "table3_masks": table3_masks,
     "table4_impl": table4_impl,
