@@ -44,7 +44,7 @@ def plot_per_task_tau(runs: pd.DataFrame, out: Path) -> list[Path]:
     for model, dm in data.groupby("model") if not data.empty else []:
         bcs = sorted(dm.bc.unique())
         methods = _methods(dm)
-        fig, axes = plt.subplots(1, len(bcs), figsize=(5.5 * len(bcs), 4), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(bcs), figsize=(6.5 * len(bcs), 4.2), sharey=True, squeeze=False)
         x = np.arange(len(TASK_ORDER))
         width = 0.8 / max(1, len(methods))
         for ax, bc in zip(axes[0], bcs):
@@ -52,11 +52,11 @@ def plot_per_task_tau(runs: pd.DataFrame, out: Path) -> list[Path]:
                 d = dm[(dm.bc == bc) & (dm.method == m)].set_index("task").reindex(TASK_ORDER)
                 ax.bar(x + _offset(i, len(methods), width), d.tau, width, label=METHOD_LABEL.get(m, m))
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set_xticks(x, [TASK_LABEL[t] for t in TASK_ORDER], fontsize=9)
+            ax.set_xticks(x, [TASK_LABEL[t] for t in TASK_ORDER], fontsize=9, rotation=20)
             ax.set_title(f"bc = {bc}")
             ax.set_xlabel("Spec-Bench task")
         axes[0][0].set_ylabel("τ (tokens per forward step)")
-        axes[0][-1].legend(fontsize=8, loc="upper right")
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method")
         fig.suptitle(f"Acceptance length per task — {model}")
         paths += _save(fig, out, f"fig4_per_task_tau_{model}")
     return paths
