@@ -151,7 +151,9 @@ def plot_alignment(summaries: list[dict], out: Path) -> list[Path]:
             a2.legend(fontsize=8, loc="upper left")
         a2.set(xlabel="last-layer cosine similarity", ylabel=f"P(true token in mask's Top-{s['top_k']})",
                ylim=(0, 1.1), title="Lemma 3.1: similarity vs Top-K hit")
-        fig.suptitle(f"ESP mask alignment — {s['model']}, {s['task']} ({s['n_turns']} turns, {s['n_slots']} slots)")
+        cats = ((s.get("config") or {}).get("task") or {}).get("categories")
+        task = f"{s['task']} [{', '.join(cats)}]" if cats else s["task"]
+        fig.suptitle(f"ESP mask alignment — {s['model']}, {task} ({s['n_turns']} turns, {s['n_slots']} slots)")
         paths += _save(fig, out, f"fig2_alignment_{s['model']}")
     return paths
 

@@ -144,7 +144,7 @@ def _rejection_chi2(dec, p_logits, q, n_children, trials, gen):
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def test_rejection_sampling_keeps_the_target_distribution(tiny, monkeypatch):
+def test_rejection_sampling_keeps_the_target_distribution(tiny, monkeypatch, one_thread):
     """Recursive rejection over children drawn from q without replacement returns tokens distributed as
     p: chi-square over 6 tokens (5 dof) below 20.5 (p-value 0.001) with 6000 draws, fixed seeds. A verifier
     that forgets to subtract q from the residual fails the same test."""
@@ -191,7 +191,7 @@ def chi2_threshold(dof: int) -> float:
     return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
 
 
-def test_rejection_end_to_end_matches_ar_distribution(tiny):
+def test_rejection_end_to_end_matches_ar_distribution(tiny, one_thread):
     """The second generated token (the first one a decode step verifies) follows AR's exact marginal
     Σ_t1 p(t1) p(t2 | t1) at T = 1 when drafts come from q and are verified by rejection: chi-square over
     the tokens with >= 5 expected draws (+ the rest), 2000 seeded generations, p-value 0.001."""
