@@ -6,10 +6,12 @@ means for speed. One command writes `BENCHMARKS.md` and a JSON of every number:
 
 For each method and bc, on the same prompts, in the same process (every figure is a ratio or a median
 measured in this run):
-- t_fwd(T): median time of a bare model forward of T tokens on a cache of the run's mean cache length
-  (the model call only: no drafting, no verification, no cache compaction);
-- step: time per decode step of the method = (generation time − prefill time) / decode calls;
-- loop overhead = step / t_fwd(mean tokens fed per step) − 1: the loop's own cost per step;
+- step: time per decode step of the method = (generation time − prefill time) / decode calls, and the
+  part of it spent in the model call (timed inside the loop, with a device sync on a GPU);
+- loop overhead = step / model call − 1: the loop's own cost per step (drafting, masks, verification,
+  KV compaction, bookkeeping) relative to the forward it wraps;
+- t_fwd(T): median time of a bare model forward of T tokens on a cache of the run's mean cache length,
+  measured right after the run;
 - τ, tokens/s, speedup = AR time / method time on the same prompts (interleaved), and the bound
   τ · t_fwd(1) / t_fwd(bc) that a loop without overhead would reach;
 - peak memory (process RSS on CPU; allocated CUDA memory on a GPU) and the model load time, from the
@@ -33,7 +35,8 @@ import torch
 from omegaconf import OmegaConf
 
 from mtp.data import load_questions
-from mtp.loop import Decoder, Drafter, _keep_rows
+from mtp.kv import keep_rows, new_cache
+from mtp.loop import Decoder, Drafter
 from mtp.models import chat_ids, load_model
 from mtp.runner import build_drafter, environment
 
@@ -57,13 +60,11 @@ def _sync(device):
 @torch.inference_mode()
 def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int) -> float:
     """Median seconds of one model forward of `n_tokens` (a chain, causal) on a `cache_len`-token cache."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config, cache_len + n_tokens)  # the decode loop's cache
     model(input_ids=torch.randint(0, V, (1, cache_len), generator=g).to(device), past_key_values=cache, use_cache=True)
     ids = torch.randint(0, V, (1, n_tokens), generator=g).to(device)
     local = torch.full((n_tokens, n_tokens), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
@@ -76,7 +77,7 @@ def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int) -> float:
         model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         _sync(device)
         times.append(time.perf_counter() - t0)
-        _keep_rows(cache, cache_len, [])  # back to the cache length
+        keep_rows(cache, cache_len, [])  # back to the cache length
     return statistics.median(times[1:])
 
 
@@ -121,13 +122,8 @@ def run_bench(args) -> dict:
 
     for d in (ar,):  # warm-up, untimed
         generate(d, prompts[0][:64])
-    fwd: dict[tuple[int, int], float] = {}
-
-    def t_fwd(cache_len: int, n: int) -> float:
-        key = (int(round(cache_len, -1)), n)  # cache lengths to the nearest 10 tokens
-        if key not in fwd:
-            fwd[key] = bare_forward_s(model, key[0], n, args.repeats)
-        return fwd[key]
+    def t_fwd(cache_len: float, n: int) -> float:  # measured right after each run: the run's conditions
+        return bare_forward_s(model, int(round(cache_len)), n, args.repeats)
 
     rows = []
     total = sum(1 if m == "ar" else len(args.bcs) for m in args.methods)
@@ -153,15 +149,16 @@ def run_bench(args) -> dict:
             fed = sum(g.tokens_fed_sum for g in gens) / calls
             # mean cache length over the decode steps: prompt + about half of the new tokens
             cache_len = sum((len(g.prompt_ids) + len(g.new_ids) / 2) * g.decode_calls for g in gens) / calls
-            step = steps_s / calls
-            t1, t_fed, t_bc = t_fwd(cache_len, 1), t_fwd(cache_len, round(fed)), t_fwd(cache_len, bc)
+            step, fwd_in_loop = steps_s / calls, sum(g.forward_s for g in gens) / calls
+            t1 = t_fwd(cache_len, 1)
+            t_bc = t1 if bc == 1 else t_fwd(cache_len, bc)
             tau = sum(sum(g.committed_per_step) for g in gens) / calls
             rows.append({
                 "method": method, "bc": bc if method != "ar" else None, "tau": tau,
                 "tokens_per_s": sum(len(g.new_ids) for g in gens) / wall, "speedup": ar_wall / wall,
                 "bound": tau * t1 / t_bc, "step_ms": 1e3 * step, "mean_tokens_fed": fed,
-                "fwd_fed_ms": 1e3 * t_fed, "fwd_1_ms": 1e3 * t1, "fwd_bc_ms": 1e3 * t_bc,
-                "loop_overhead": step / t_fed - 1, "cache_len": cache_len, "decode_calls": calls,
+                "model_call_ms": 1e3 * fwd_in_loop, "loop_overhead": step / fwd_in_loop - 1,
+                "fwd_1_ms": 1e3 * t1, "fwd_bc_ms": 1e3 * t_bc, "cache_len": cache_len, "decode_calls": calls,
                 "lossless": all(g.new_ids == a.new_ids for g, a in zip(gens, ar_gens)), "peak_mem_mb": peak_memory_mb(device),
             })
     env = environment(model)
@@ -171,7 +168,7 @@ def run_bench(args) -> dict:
         "git": env["git"], "git_dirty": env["git_dirty"], "prompts": f"Spec-Bench, first turn of the first {args.per_task} "
         f"question(s) of each task ({len(prompts)} prompts)", "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats, "machine": platform.node()},
-        "load": loads, "runs": rows, "forwards_ms": {f"{k[0]}:{k[1]}": 1e3 * v for k, v in sorted(fwd.items())}}
+        "load": loads, "runs": rows}
 
 
 def to_markdown(res: dict) -> str:
@@ -181,17 +178,16 @@ def to_markdown(res: dict) -> str:
         f"Generated by `python -m experiments.bench` (git {c['git'][:10]}{'+dirty' if c['git_dirty'] else ''}); torch "
         f"{c['torch']}, transformers {c['transformers']}, Python {c['python']}. Prompts: {c['prompts']}; "
         f"max_new_tokens {c['max_new_tokens']}; bare forwards: median of {c['repeats']}.", "",
-        "| method | bc | τ | tokens/s | speedup vs AR | bound τ·t(1)/t(bc) | step (ms) | tokens fed / step | "
-        "bare fwd of that (ms) | loop overhead | lossless | peak mem (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | bc | τ | tokens/s | speedup vs AR | bound τ·t(1)/t(bc) | step (ms) | model call (ms) | "
+        "loop overhead | tokens fed / step | t(1) (ms) | t(bc) (ms) | lossless | peak mem (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
         lines.append(
             f"| {r['method']} | {r['bc'] or '—'} | {r['tau']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.3f} | "
-            f"{r['bound']:.3f} | {r['step_ms']:.1f} | {r['mean_tokens_fed']:.1f} | {r['fwd_fed_ms']:.1f} | "
-            f"{100 * r['loop_overhead']:+.1f}% | {r['lossless']} | {r['peak_mem_mb']:.0f} |")
-    fw = res["forwards_ms"]
-    lines += ["", "Bare forwards (cache length : tokens → ms): " + ", ".join(f"{k} → {v:.1f}" for k, v in fw.items())]
+            f"{r['bound']:.3f} | {r['step_ms']:.1f} | {r['model_call_ms']:.1f} | {100 * r['loop_overhead']:+.1f}% | "
+            f"{r['mean_tokens_fed']:.1f} | {r['fwd_1_ms']:.1f} | {r['fwd_bc_ms']:.1f} | {r['lossless']} | "
+            f"{r['peak_mem_mb']:.0f} |")
     if res["load"]:
         lines += ["", "Model load: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in res["load"].items())]
     return "\n".join(lines) + "\n"

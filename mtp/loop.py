@@ -13,7 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+
+from mtp.kv import keep_rows, new_cache
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Generation:
     tokens_fed_sum: int = 0
     wall_s: float = 0.0
     prefill_s: float = 0.0  # of wall_s: the prefill forward and the first token
+    forward_s: float = 0.0  # of wall_s: the model calls of the decode steps (the rest is the loop's own cost)
 
     @property
     def accept_hist(self) -> dict[int, int]:
@@ -158,7 +160,7 @@ class Decoder:
         # reseeded per generation: a method and AR draw the same samples in the same order, so at T > 0
         # a lossless method reproduces AR's sampled ids exactly (and hence AR's distribution)
         self.generator.manual_seed(self.seed)
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config, len(prompt_ids) + max_new_tokens + 256)  # grows if a block needs more
 
         # 1. prefill: prompt (+ the drafter's probe rows, whose KV is dropped afterwards)
         t = len(prompt_ids)
@@ -171,7 +173,7 @@ class Decoder:
         else:  # causal over [prompt | probes], positions 0..t+P-1
             embeds = torch.cat([self.embed(ids)[0], probes.to(self.dtype)])[None]
             out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-            _keep_rows(cache, t, [])
+            keep_rows(cache, t, [])
         gen.prefill_calls = 1
         self._sync()
         gen.prefill_s = time.perf_counter() - t0
@@ -197,7 +199,8 @@ class Decoder:
             if block is None:
                 block = chain_block([tokens[-1]])
             # 3. one forward of the whole block
-            logits = self._forward(block, cache, cache_len)
+            logits, seconds = self._forward(block, cache, cache_len)
+            gen.forward_s += seconds
             gen.decode_calls += 1
             gen.tokens_fed_max = max(gen.tokens_fed_max, block.size)
             gen.tokens_fed_sum += block.size
@@ -215,7 +218,7 @@ class Decoder:
             if gen.stop != "max_new_tokens" or len(gen.new_ids) >= max_new_tokens:
                 break
             # 5. drop rejected and probe KV rows: keep prefix + root + accepted path, in order
-            _keep_rows(cache, cache_len, path)
+            keep_rows(cache, cache_len, path)
             # 6. the drafter observes the forward
             if drafting:
                 drafter.observe(Step(block, logits, path, committed))
@@ -223,8 +226,8 @@ class Decoder:
         gen.wall_s = time.perf_counter() - t0
         return gen
 
-    def _forward(self, block: Block, cache, cache_len: int) -> torch.Tensor:
-        """One forward of `block` on top of `cache`; returns logits (T, V) in fp32."""
+    def _forward(self, block: Block, cache, cache_len: int) -> tuple[torch.Tensor, float]:
+        """One forward of `block` on top of `cache`: logits (T, V) in fp32, and the model call's seconds."""
         T = block.size
         if block.allowed is not self._local_for:  # a static layout is converted once, not every step
             local = torch.full((T, T), self.neg, dtype=self.dtype, device=self.device)
@@ -238,10 +241,14 @@ class Decoder:
             kw = {"input_ids": ids[None]}
         else:
             kw = {"inputs_embeds": torch.cat([self.embed(ids), block.embeds.to(self.dtype)])[None]}
+        self._sync()
+        t0 = time.perf_counter()
         out = self.model(
             **kw, attention_mask=mask[None, None], position_ids=position_ids, past_key_values=cache, use_cache=True
         )
-        return out.logits[0].float()
+        logits = out.logits[0].float()
+        self._sync()
+        return logits, time.perf_counter() - t0
 
     def _pick(self, logits_row: torch.Tensor) -> int:
         """Greedy argmax, or a sample at the decoder's temperature."""
@@ -299,17 +306,3 @@ class Decoder:
             if q.sum() <= 0:
                 break
         return None, int(torch.multinomial(r, 1, generator=self.generator))
-
-
-def _keep_rows(cache, n_prefix: int, block_rows: list[int]) -> None:
-    """Keep cache positions [0, n_prefix) and then n_prefix + block_rows (in order), in every layer."""
-    n = n_prefix + len(block_rows)
-    if block_rows == list(range(len(block_rows))):  # a chain prefix: plain truncation
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
-        return
-    device = cache.layers[0].keys.device
-    rows = torch.cat([torch.arange(n_prefix), torch.tensor(block_rows) + n_prefix]).to(device)
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(2, rows)
-        layer.values = layer.values.index_select(2, rows)

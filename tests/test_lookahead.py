@@ -148,7 +148,7 @@ def test_block_rows_equal_sequential_chains(tiny, N, W, G, warm):
 
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
-    logits = Decoder(model, [])._forward(block, cache, len(prompt))
+    logits, _ = Decoder(model, [])._forward(block, cache, len(prompt))
     chains = []
     for r in range(block.n_tree):
         node, chain = r, []

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mtp.loop import Decoder, Drafter, _keep_rows, tree_block, tree_layout
+from mtp.kv import keep_rows
+from mtp.loop import Decoder, Drafter, tree_block, tree_layout
 
 
 def hf_greedy(model, ids, n):
@@ -76,7 +77,7 @@ def test_tree_forward_equals_sequential(tiny):
     dec = Decoder(model, tok.eos_token_id)
     cache = _prefill(model, prompt)
     with torch.inference_mode():
-        tree_logits = dec._forward(block, cache, len(prompt))
+        tree_logits, _ = dec._forward(block, cache, len(prompt))
         for i in range(len(PARENTS)):
             seq = prompt + [tokens[j] for j in _path(PARENTS, i)]
             ref = model(torch.tensor([seq])).logits[0, -1].float()
@@ -92,7 +93,7 @@ def test_kv_compaction_equals_accepted_path_cache(tiny):
         cache = _prefill(model, prompt)
         with torch.inference_mode():
             dec._forward(tree_block(tokens, PARENTS), cache, len(prompt))
-        _keep_rows(cache, len(prompt), accepted)
+        keep_rows(cache, len(prompt), accepted)
         ref = _prefill(model, prompt + [tokens[i] for i in accepted])
         assert cache.get_seq_length() == len(prompt) + len(accepted)
         for layer, ref_layer in zip(cache.layers, ref.layers, strict=True):

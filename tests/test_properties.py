@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from mtp.errors import ConfigError
 from mtp.esp import ESP, esp_layout, fit_widths, static_parents
-from mtp.loop import Decoder, _keep_rows, tree_block, tree_layout
+from mtp.kv import PreallocatedLayer, keep_rows
+from mtp.loop import Decoder, tree_block, tree_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,7 +130,30 @@ def test_kv_compaction_keeps_prefix_then_path_rows_in_order(n_prefix, tp, extra,
     layers = [FakeLayer(torch.randn(1, 2, n_prefix + T, 4, generator=g), torch.randn(1, 2, n_prefix + T, 4, generator=g))
               for _ in range(n_layers)]
     before = [(layer.keys.clone(), layer.values.clone()) for layer in layers]
-    _keep_rows(FakeCache(layers), n_prefix, path)
+    keep_rows(FakeCache(layers), n_prefix, path)
     rows = list(range(n_prefix)) + [n_prefix + r for r in path]
     for layer, (k, v) in zip(layers, before):
         assert torch.equal(layer.keys, k[:, :, rows]) and torch.equal(layer.values, v[:, :, rows])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.lists(st.tuples(st.integers(1, 12), tree_and_path()), min_size=1, max_size=8))
+def test_preallocated_cache_equals_concatenation(capacity, steps):
+    """The loop's preallocated layer (in-place appends, in-place compaction, growth by doubling) holds
+    exactly what concatenating and index-selecting tensors would, after any sequence of steps."""
+    g = torch.Generator().manual_seed(capacity)
+    layer = PreallocatedLayer(capacity)
+    ref_k = ref_v = None
+    for n_new, (parents, _, path, _) in steps:
+        t = max(n_new, len(parents))
+        k, v = torch.randn(1, 2, t, 4, generator=g), torch.randn(1, 2, t, 4, generator=g)
+        n_prefix = layer.get_seq_length()
+        out_k, out_v = layer.update(k, v)
+        ref_k = k if ref_k is None else torch.cat([ref_k, k], 2)
+        ref_v = v if ref_v is None else torch.cat([ref_v, v], 2)
+        assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
+        keep_rows(FakeCache([layer]), n_prefix, path)
+        rows = list(range(n_prefix)) + [n_prefix + r for r in path]
+        ref_k, ref_v = ref_k[:, :, rows], ref_v[:, :, rows]
+        assert layer.get_seq_length() == len(rows)
+        assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v)
