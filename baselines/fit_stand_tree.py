@@ -49,7 +49,7 @@ from baselines.stand import RULE_PRIOR, TREES_DIR, Stand, bfs_order, rule_tree
 from mtp.data import REPO_ROOT, read_questions, resolve_path
 from mtp.errors import ConfigError
 from mtp.loop import Decoder, Drafter, Step
-from mtp.models import chat_ids, load_model
+from mtp.models import chat_ids, load_model, stop_ids
 
 CONF = str(REPO_ROOT / "conf")
 
@@ -121,9 +121,7 @@ def main(argv=None) -> dict:
 
     questions = held_out(args.prompts, args.per_category)[: args.limit]
     model, tok = load_model(cfg.model)
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted(i for i in set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id} if i is not None)
-    decoder = Decoder(model, eos_ids, 0.0, cfg.seed)
+    decoder = Decoder(model, stop_ids(model, tok), 0.0, cfg.seed)
     thinking = cfg.model.get("thinking")
     stand.setup(model)
     n_tokens = 0

@@ -19,7 +19,6 @@ the same embedding). The mask embedding comes from the ESP drafter itself (its i
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from mtp.data import load_questions
 from mtp.errors import ConfigError
 from mtp.esp import ESP
 from mtp.loop import Decoder, Drafter
-from mtp.models import chat_ids, load_model
-from mtp.runner import build_drafter, environment, validate
+from mtp.models import chat_ids, load_model, stop_ids
+from mtp.runner import build_drafter, environment, validate, write_atomic
 
 N_BINS = 10  # similarity bins of the Lemma 3.1 check
 
@@ -126,12 +125,6 @@ def summarize_alignment(rows: list[dict], top_k: int) -> dict:
     }
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def run_alignment(cfg, out_dir: Path) -> dict:
     """The `job=alignment` job: greedy continuations of the task's prompts (AR), then the teacher-forced
     alignment of each turn. Writes `alignment.jsonl` (a row per turn, flushed) and `alignment.json`."""
@@ -148,9 +141,7 @@ def run_alignment(cfg, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.model)
     drafter.setup(model)
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted(i for i in (set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}) if i is not None)
-    decoder = Decoder(model, eos_ids)
+    decoder = Decoder(model, stop_ids(model, tok))
     thinking = cfg.model.get("thinking")
     rows = []
     n_turns = sum(len(q.turns) for q in questions)
@@ -175,7 +166,7 @@ def run_alignment(cfg, out_dir: Path) -> dict:
         "bc": cfg.bc, "max_new_tokens": cfg.max_new_tokens, "n_turns": len(rows),
         "environment": environment(model), "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    _write_json(out_dir / "alignment.json", summary)
+    write_atomic(out_dir / "alignment.json", json.dumps(summary, indent=2))
     return summary
 
 

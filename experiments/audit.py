@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from mtp.runner import read_records
+
 
 def first_mismatch(ids: list[int], ref: list[int]) -> int | None:
     """The first position where `ids` and `ref` differ, a missing token included; None if identical."""
@@ -38,12 +40,7 @@ def _jobs(root: Path) -> list[dict]:
         if not job_file.exists():
             continue
         cfg = json.loads(job_file.read_text())["config"]
-        records = []
-        for line in rec_file.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line of a killed job
+        records, _ = read_records(rec_file)  # up to a torn last line of a killed job
         task = {k: v for k, v in cfg["task"].items() if k != "cache_dir"}
         key = json.dumps([cfg["model"]["name"], cfg["model"].get("dtype"), task, cfg["max_new_tokens"],
                           cfg["temperature"], cfg["seed"]], sort_keys=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -37,8 +36,8 @@ from omegaconf import OmegaConf
 from mtp.data import load_questions
 from mtp.kv import keep_rows, new_cache
 from mtp.loop import Decoder, Drafter
-from mtp.models import chat_ids, load_model
-from mtp.runner import build_drafter, environment
+from mtp.models import chat_ids, load_model, stop_ids
+from mtp.runner import build_drafter, environment, write_atomic
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 METHODS = ["ar", "pld", "lade", "stand", "recycling", "esp"]
@@ -112,9 +111,7 @@ def run_bench(args) -> dict:
     device = next(model.parameters()).device
     prompts = [chat_ids(tok, [{"role": "user", "content": q.turns[0]}], cfg.model.get("thinking"))
                for q in load_questions(cfg.task)]
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted(i for i in set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id} if i is not None)
-    decoder = Decoder(model, eos_ids)
+    decoder = Decoder(model, stop_ids(model, tok))
     ar = Drafter()
 
     def generate(drafter, ids):
@@ -209,10 +206,8 @@ def main(argv=None) -> None:
     header = ("# Benchmarks\n\nEvery number below comes from one run of the command in its section; ratios are "
               "measured within that run. On a shared CPU absolute times are noisy: read the ratios.\n\n")
     json_path = args.json or args.out.with_suffix(".json")
-    for path, text in ((json_path, json.dumps(res, indent=2)), (args.out, header + to_markdown(res))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_atomic(json_path, json.dumps(res, indent=2))
+    write_atomic(args.out, header + to_markdown(res))
     print(to_markdown(res))
 
 

@@ -7,19 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from experiments.alignment import load_alignment
 from experiments.figures import FIGURES, plot_alignment
 from experiments.results import load_runs
 from experiments.tables import TABLES, conditions, to_latex, to_markdown
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from mtp.runner import write_atomic
 
 
 def write_report(results: Path, out: Path) -> list[Path]:
@@ -37,8 +31,8 @@ def write_report(results: Path, out: Path) -> list[Path]:
         df = fn(runs)
         if df.empty:
             continue
-        _write(out / f"{name}.md", f"## {name}\n\n" + to_markdown(df, footer))
-        _write(out / f"{name}.tex", to_latex(df, footer))
+        write_atomic(out / f"{name}.md", f"## {name}\n\n" + to_markdown(df, footer))
+        write_atomic(out / f"{name}.tex", to_latex(df, footer))
         written += [out / f"{name}.md", out / f"{name}.tex"]
     for plot in FIGURES:
         written += plot(runs, out / "figures")

