@@ -33,22 +33,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from mtp.cli import compose
 from mtp.data import load_questions
 from mtp.kv import keep_rows, new_cache
 from mtp.loop import Decoder, Drafter
 from mtp.models import chat_ids, load_model, stop_ids
 from mtp.runner import build_drafter, environment, write_atomic
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 METHODS = ["ar", "pld", "lade", "stand", "recycling", "esp"]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def _sync(device):
@@ -117,8 +109,8 @@ def run_bench(args) -> dict:
     def generate(drafter, ids):
         return decoder.generate(drafter, ids, args.max_new_tokens)
 
-    for d in (ar,):  # warm-up, untimed
-        generate(d, prompts[0][:64])
+    generate(ar, prompts[0][:64])  # warm-up, untimed (each method is warmed up before its run)
+
     def t_fwd(cache_len: float, n: int) -> float:  # measured right after each run: the run's conditions
         return bare_forward_s(model, int(round(cache_len)), n, args.repeats)
 

@@ -11,6 +11,15 @@ GROUPS = ("model", "method", "task", "experiment", "esp_tree")  # hydra/launcher
 OUTPUT_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 
 
+def compose(overrides=()):
+    """The job config `python run.py <overrides>` would run, composed without running it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 

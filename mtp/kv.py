@@ -86,12 +86,10 @@ def keep_rows(cache, n_prefix: int, block_rows: list[int]) -> None:
     """Keep cache positions [0, n_prefix) and then n_prefix + block_rows (in order), in every layer."""
     n = len(block_rows)
     chain = block_rows == list(range(n))  # a chain prefix: plain truncation, nothing moves
-    rows = None
+    rows = None if chain else torch.tensor(block_rows, device=cache.layers[0].keys.device)
     for layer in cache.layers:
-        if rows is None and not chain:
-            rows = torch.tensor(block_rows, device=layer.keys.device)
         if isinstance(layer, PreallocatedLayer):
-            layer.keep(n_prefix, None if chain else rows, n)
+            layer.keep(n_prefix, rows, n)
         elif chain:
             layer.keys, layer.values = layer.keys[:, :, : n_prefix + n], layer.values[:, :, : n_prefix + n]
         else:

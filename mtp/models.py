@@ -111,12 +111,16 @@ def _dequantize_to(src: Path, cache: Path) -> None:
 
 
 # --------------------------------------------------------------------------- hub / local checkpoints
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub endpoint accepts a TCP connection (seconds, not huggingface_hub's minute of retries)."""
     import socket
     from urllib.parse import urlparse
 
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    url = urlparse(hub_endpoint())
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
         return True
@@ -143,7 +147,7 @@ def _load_hub(cfg, dtype):
             pass
         if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
             raise ModelLoadError(f"model {cfg.name}: {cfg.path!r} is not in the local hub cache and the hub "
-                                 f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable. {point_at}")
+                                 f"({hub_endpoint()}) is unreachable. {point_at}")
         return load()
     except (OSError, ValueError) as e:
         raise ModelLoadError(

@@ -134,16 +134,19 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_records(path: Path) -> tuple[list[dict], list[str]]:
-    """The records of a `records.jsonl` and their lines, up to a torn last line (a killed write)."""
-    records, lines = [], []
-    for line in path.read_text().splitlines() if path.exists() else []:
+def read_records(path: Path) -> tuple[list[dict], str | None]:
+    """The records of a `records.jsonl` up to a torn last line (a killed write), and the file's text
+    without that tail when there was one to drop (None when the file is whole)."""
+    text = path.read_text() if path.exists() else ""
+    records, kept = [], []
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             break
-        lines.append(line)
-    return records, lines
+        kept.append(line + "\n")
+    clean = "".join(kept)
+    return records, None if clean == text else clean
 
 
 def finished_turns(out_dir: Path, cfg) -> dict[tuple[str, int], dict]:
@@ -157,10 +160,9 @@ def finished_turns(out_dir: Path, cfg) -> dict[tuple[str, int], dict]:
                               "choose another output dir (hydra.run.dir=...) or delete that one")
     else:
         write_atomic(job, json.dumps({"fingerprint": fp, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
-    records, lines = read_records(path)
-    kept = "".join(line + "\n" for line in lines)
-    if path.exists() and kept != path.read_text():  # drop a torn tail; new turns are appended after the rest
-        write_atomic(path, kept)
+    records, without_tail = read_records(path)
+    if without_tail is not None:  # drop a torn tail; new turns are appended after the rest
+        write_atomic(path, without_tail)
     return {(str(rec["question_id"]), rec["turn"]): rec for rec in records}
 
 

@@ -1,15 +1,12 @@
 """Shared fixtures: tiny random models (inline configs from conf/model/tiny_*.yaml) and the real default model."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from mtp.cli import compose
 from mtp.loop import Decoder, Drafter
 from mtp.models import chat_ids, load_model
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 PROMPTS = [
     "Write a short poem about the sea and the sea and the sea.",
     "List the numbers from one to ten: one, two, three,",
@@ -17,9 +14,7 @@ PROMPTS = [
 ]
 
 
-def compose_cfg(overrides=()):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+compose_cfg = compose  # the config `python run.py <overrides>` runs
 
 
 @pytest.fixture(scope="session", params=["tiny_llama", "tiny_qwen3"])

@@ -1,30 +1,25 @@
 """Every config in conf/ composes, and the job-level checks reject bad settings before any model load."""
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
+from mtp.cli import choices
 from mtp.errors import ConfigError
 from mtp.runner import build_drafter, validate
 
-from .conftest import CONF, compose_cfg
-
-
-def _names(group):
-    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+from .conftest import compose_cfg
 
 
 @pytest.mark.parametrize("group", ["model", "method", "task"])
 def test_every_config_composes(group):
-    for name in _names(group):
+    for name in choices(group):
         cfg = compose_cfg([f"{group}={name}"])
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         assert cfg[group].name == name
 
 
 def test_every_method_builds_at_its_default_bc():
-    for name in _names("method"):
+    for name in choices("method"):
         cfg = compose_cfg([f"method={name}"])
         assert build_drafter(cfg).min_bc <= cfg.bc
 

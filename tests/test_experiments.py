@@ -9,8 +9,9 @@ import pytest
 
 from experiments.report import write_report
 from experiments.results import load_runs
+from mtp.cli import CONF
 
-from .conftest import CONF, compose_cfg
+from .conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
