@@ -13,7 +13,12 @@ measured in this run):
 - t_fwd(T): median time of a bare model forward of T tokens on a cache of the run's mean cache length,
   measured right after the run;
 - τ, tokens/s, speedup = AR time / method time on the same prompts (interleaved), and the bound
-  τ · t_fwd(1) / t_fwd(bc) that a loop without overhead would reach;
+  τ · t_call(AR) / t_call(method) that a loop without overhead would reach, from the model-call times
+  inside the loop (AR's steps are interleaved with the method's, so both see the same machine state);
+- ESP's efficient implementation (static layout built once) against the naive one (rebuilt every step);
+- a CPU/GPU speed study of the model's forward (attention kernel, threads, grad mode, bf16, and with
+  `--compile` torch.compile), each variant timed alternately with the shipped setting, and a
+  torch.profiler breakdown of ESP's decode steps by operator;
 - peak memory (process RSS on CPU; allocated CUDA memory on a GPU) and the model load time, from the
   GGUF (cold, dequantized into an empty cache) and from the cache.
 """
@@ -40,7 +45,11 @@ from mtp.loop import Decoder, Drafter
 from mtp.models import chat_ids, load_model, stop_ids
 from mtp.runner import build_drafter, environment, write_atomic
 
-METHODS = ["ar", "pld", "lade", "stand", "recycling", "esp"]
+# bench name -> the method's config overrides
+METHODS = {
+    "ar": [], "pld": ["method=pld"], "lade": ["method=lade"], "stand": ["method=stand"],
+    "recycling": ["method=recycling"], "esp": ["method=esp"], "esp_naive": ["method=esp", "method.impl=naive"],
+}
 
 
 def _sync(device):
@@ -48,9 +57,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int) -> float:
+def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int, grad_mode=torch.inference_mode) -> float:
     """Median seconds of one model forward of `n_tokens` (a chain, causal) on a `cache_len`-token cache."""
+    with grad_mode():
+        return _bare_forward_s(model, cache_len, n_tokens, repeats)
+
+
+def _bare_forward_s(model, cache_len, n_tokens, repeats):
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
     g = torch.Generator().manual_seed(0)
@@ -114,14 +127,15 @@ def run_bench(args) -> dict:
     def t_fwd(cache_len: float, n: int) -> float:  # measured right after each run: the run's conditions
         return bare_forward_s(model, int(round(cache_len)), n, args.repeats)
 
+    def drafter_for(method, bc):
+        return ar if method == "ar" else build_drafter(compose(base + METHODS[method] + [f"bc={bc}"]))
+
     rows = []
     total = sum(1 if m == "ar" else len(args.bcs) for m in args.methods)
-    done = 0
     for method in args.methods:
         for bc in ([1] if method == "ar" else args.bcs):
-            done += 1
-            print(f"[bench] {done}/{total} {method} bc={bc}", file=sys.stderr, flush=True)
-            drafter = ar if method == "ar" else build_drafter(compose(base + [f"method={method}", f"bc={bc}"]))
+            print(f"[bench] {len(rows) + 1}/{total} {method} bc={bc}", file=sys.stderr, flush=True)
+            drafter = drafter_for(method, bc)
             drafter.setup(model)
             generate(drafter, prompts[0][:64])  # warm-up
             drafter.setup(model)
@@ -139,53 +153,174 @@ def run_bench(args) -> dict:
             # mean cache length over the decode steps: prompt + about half of the new tokens
             cache_len = sum((len(g.prompt_ids) + len(g.new_ids) / 2) * g.decode_calls for g in gens) / calls
             step, fwd_in_loop = steps_s / calls, sum(g.forward_s for g in gens) / calls
+            ar_call = sum(g.forward_s for g in ar_gens) / sum(g.decode_calls for g in ar_gens)
             t1 = t_fwd(cache_len, 1)
             t_bc = t1 if bc == 1 else t_fwd(cache_len, bc)
             tau = sum(sum(g.committed_per_step) for g in gens) / calls
             rows.append({
                 "method": method, "bc": bc if method != "ar" else None, "tau": tau,
                 "tokens_per_s": sum(len(g.new_ids) for g in gens) / wall, "speedup": ar_wall / wall,
-                "bound": tau * t1 / t_bc, "step_ms": 1e3 * step, "mean_tokens_fed": fed,
-                "model_call_ms": 1e3 * fwd_in_loop, "loop_overhead": step / fwd_in_loop - 1,
+                "bound": tau * ar_call / fwd_in_loop, "step_ms": 1e3 * step, "mean_tokens_fed": fed,
+                "model_call_ms": 1e3 * fwd_in_loop, "ar_model_call_ms": 1e3 * ar_call, "loop_overhead": step / fwd_in_loop - 1,
                 "fwd_1_ms": 1e3 * t1, "fwd_bc_ms": 1e3 * t_bc, "cache_len": cache_len, "decode_calls": calls,
                 "lossless": all(g.new_ids == a.new_ids for g, a in zip(gens, ar_gens)), "peak_mem_mb": peak_memory_mb(device),
             })
+    study = speed_study(model, cfg, prompts[0], decoder.eos, args) if args.study else []
+    profile = profile_steps(decoder, drafter_for("esp", 30), prompts[0], args) if args.profile else None
     env = environment(model)
     return {"conditions": {
+        "command": "python -m experiments.bench" + "".join(f" {a}" for a in args.argv),
         "model": args.model, "dtype": env["dtype"], "device": env["device_name"], "threads": env["threads"],
         "torch": env["torch"], "transformers": env["transformers"], "python": platform.python_version(),
         "git": env["git"], "git_dirty": env["git_dirty"], "prompts": f"Spec-Bench, first turn of the first {args.per_task} "
         f"question(s) of each task ({len(prompts)} prompts)", "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats, "machine": platform.node()},
-        "load": loads, "runs": rows}
+        "load": loads, "runs": rows, "study": study, "profile": profile}
+
+
+def speed_study(model, cfg, prompt: list[int], eos, args) -> list[dict]:
+    """The model forward under each variant, timed alternately with the shipped setting (fp32, sdpa, all
+    threads, inference_mode): t(1) and t(30) on a cache of the first prompt's length, their ratios to
+    the shipped setting measured beside them, and for variants that change numerics whether greedy
+    decoding stays lossless in that variant's own numerics (AR vs ESP bc 30 on the first prompt)."""
+    n_ctx, reps = len(prompt), args.repeats
+    threads = torch.get_num_threads()
+
+    def times(m, grad_mode=torch.inference_mode):
+        return bare_forward_s(m, n_ctx, 1, reps, grad_mode), bare_forward_s(m, n_ctx, 30, reps, grad_mode)
+
+    def lossless(m) -> bool:
+        dec = Decoder(m, eos)
+        esp = build_drafter(compose([f"model={args.model}", "method=esp", "bc=30"]))
+        esp.setup(m)
+        n = min(args.max_new_tokens, 32)
+        return dec.generate(esp, prompt, n).new_ids == dec.generate(Drafter(), prompt, n).new_ids
+
+    def variant(name, setup, teardown, grad_mode=torch.inference_mode, check=None, note=""):
+        print(f"[bench] speed study: {name}", file=sys.stderr, flush=True)
+        b1, b30 = times(model)
+        t_setup = time.perf_counter()
+        m = setup()
+        v1, v30 = times(m, grad_mode)
+        t_setup = time.perf_counter() - t_setup
+        row = {"variant": name, "base_1_ms": 1e3 * b1, "base_30_ms": 1e3 * b30, "t1_ms": 1e3 * v1, "t30_ms": 1e3 * v30,
+               "speedup_1": b1 / v1, "speedup_30": b30 / v30, "setup_and_timing_s": t_setup,
+               "lossless_own_numerics": check(m) if check else None, "note": note}
+        teardown(m)
+        return row
+
+    out = []
+    out.append(variant("eager attention (shipped: sdpa)", lambda: (model.set_attn_implementation("eager"), model)[1],
+                       lambda m: m.set_attn_implementation("sdpa")))
+    out.append(variant(f"1 thread (shipped: {threads})", lambda: (torch.set_num_threads(1), model)[1],
+                       lambda m: torch.set_num_threads(threads)))
+    out.append(variant("torch.no_grad (shipped: inference_mode)", lambda: model, lambda m: None, grad_mode=torch.no_grad))
+    out.append(variant("bfloat16 weights (shipped: float32)", lambda: load_model(OmegaConf.merge(cfg.model, {"dtype": "bfloat16"}))[0],
+                       lambda m: None, check=lossless))
+    if args.compile:
+        def compiled():
+            m = load_model(cfg.model)[0]
+            m.forward = torch.compile(m.forward, dynamic=True)
+            return m
+        out.append(variant("torch.compile(dynamic=True)", compiled, lambda m: None, check=lossless,
+                           note="setup time includes compilation"))
+    # the memory-bandwidth floor of a 1-token forward: every weight read once
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    x = torch.empty(n_bytes // 4, device=next(model.parameters()).device)
+    y = torch.empty_like(x)
+    best = min(_timed(lambda: y.copy_(x), x.device) for _ in range(5))
+    out.append({"variant": "floor: weights / copy bandwidth", "weights_mb": n_bytes / 2**20,
+                "copy_gb_s": 2 * n_bytes / best / 1e9, "t1_ms": 1e3 * best / 2})
+    return out
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def profile_steps(decoder, drafter, prompt: list[int], args) -> dict:
+    """torch.profiler over one ESP bc-30 generation: the operators that take a decode's time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    drafter.setup(decoder.model)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if decoder.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        gen = decoder.generate(drafter, prompt, min(args.max_new_tokens, 32))
+    cuda = decoder.device.type == "cuda"
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in events)
+    top = sorted(events, key=key, reverse=True)[:10]
+    return {"method": "esp", "bc": 30, "decode_calls": gen.decode_calls, "clock": "device" if cuda else "cpu",
+            "total_ms": total / 1e3, "wall_ms": 1e3 * gen.wall_s, "ops": [{"op": e.key, "calls": e.count, "self_ms": key(e) / 1e3,
+                                               "share": key(e) / total} for e in top]}
 
 
 def to_markdown(res: dict) -> str:
     c = res["conditions"]
     lines = [
         f"## {c['model']} on {c['device']} ({c['dtype']}, {c['threads']} threads)", "",
-        f"Generated by `python -m experiments.bench` (git {c['git'][:10]}{'+dirty' if c['git_dirty'] else ''}); torch "
-        f"{c['torch']}, transformers {c['transformers']}, Python {c['python']}. Prompts: {c['prompts']}; "
-        f"max_new_tokens {c['max_new_tokens']}; bare forwards: median of {c['repeats']}.", "",
-        "| method | bc | τ | tokens/s | speedup vs AR | bound τ·t(1)/t(bc) | step (ms) | model call (ms) | "
+        f"Generated by `{c.get('command', 'python -m experiments.bench')}` (git {c['git'][:10]}"
+        f"{'+dirty' if c['git_dirty'] else ''}); torch {c['torch']}, transformers {c['transformers']}, Python "
+        f"{c['python']}. Prompts: {c['prompts']}; max_new_tokens {c['max_new_tokens']}; bare forwards: median of "
+        f"{c['repeats']}.", "",
+        "The bound is τ · t_call(AR) / t_call(method): the speedup a loop with no cost of its own would reach, "
+        "from the model-call times inside the loop. Loop overhead = step / model call − 1. t(1) and t(bc) are "
+        "bare forwards of 1 and bc tokens on the run's mean cache length, timed after the run.", "",
+        "| method | bc | τ | tokens/s | speedup vs AR | bound | step (ms) | model call (ms) | AR model call (ms) | "
         "loop overhead | tokens fed / step | t(1) (ms) | t(bc) (ms) | lossless | peak mem (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
         lines.append(
             f"| {r['method']} | {r['bc'] or '—'} | {r['tau']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.3f} | "
-            f"{r['bound']:.3f} | {r['step_ms']:.1f} | {r['model_call_ms']:.1f} | {100 * r['loop_overhead']:+.1f}% | "
-            f"{r['mean_tokens_fed']:.1f} | {r['fwd_1_ms']:.1f} | {r['fwd_bc_ms']:.1f} | {r['lossless']} | "
-            f"{r['peak_mem_mb']:.0f} |")
+            f"{r['bound']:.3f} | {r['step_ms']:.1f} | {r['model_call_ms']:.1f} | {r.get('ar_model_call_ms', 0):.1f} | "
+            f"{100 * r['loop_overhead']:+.1f}% | {r['mean_tokens_fed']:.1f} | {r['fwd_1_ms']:.1f} | {r['fwd_bc_ms']:.1f} | "
+            f"{r['lossless']} | {r['peak_mem_mb']:.0f} |")
     if res["load"]:
         lines += ["", "Model load: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in res["load"].items())]
+    by = {(r["method"], r["bc"]): r for r in res["runs"]}
+    pairs = [(bc, by[("esp", bc)], by[("esp_naive", bc)]) for (m, bc) in by if m == "esp" and ("esp_naive", bc) in by]
+    if pairs:
+        lines += ["", "ESP efficient (layout built once) vs naive (rebuilt every step), same run: "
+                  + "; ".join(f"bc {bc}: step {n['step_ms']:.1f} → {e['step_ms']:.1f} ms (naive/efficient "
+                              f"{n['step_ms'] / e['step_ms']:.3f}), loop overhead {100 * n['loop_overhead']:+.1f}% → "
+                              f"{100 * e['loop_overhead']:+.1f}%" for bc, e, n in pairs)]
+    if res.get("study"):
+        lines += ["", "### Speed of the model forward", "",
+                  "Each variant is timed right after the shipped setting (fp32, sdpa, all threads, inference_mode) on "
+                  "the first prompt's cache length; speedup = shipped / variant. Lossless: greedy ESP bc 30 = AR in the "
+                  "variant's own numerics (first prompt, up to 32 tokens).", "",
+                  "| variant | t(1) ms (shipped) | t(30) ms (shipped) | speedup t(1) | speedup t(30) | set-up + timing (s) | lossless | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["study"]:
+            if "weights_mb" in r:
+                floor = r
+                continue
+            lossless = "—" if r["lossless_own_numerics"] is None else r["lossless_own_numerics"]
+            lines.append(f"| {r['variant']} | {r['t1_ms']:.1f} ({r['base_1_ms']:.1f}) | {r['t30_ms']:.1f} ({r['base_30_ms']:.1f}) | "
+                         f"{r['speedup_1']:.2f} | {r['speedup_30']:.2f} | {r['setup_and_timing_s']:.1f} | {lossless} | {r['note']} |")
+        lines += ["", f"Floor of a 1-token forward: {floor['weights_mb']:.0f} MiB of weights read once at the measured "
+                  f"copy bandwidth ({floor['copy_gb_s']:.1f} GB/s) = {floor['t1_ms']:.1f} ms."]
+    if res.get("profile"):
+        p = res["profile"]
+        lines += ["", f"### Where a step's time goes (torch.profiler, {p['method']} bc {p['bc']}, one generation of "
+                  f"{p['decode_calls']} decode steps, {p['clock']} self time)", "",
+                  "| operator | calls | self (ms) | share |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.1f} | {100 * o['share']:.1f}% |" for o in p["ops"]]
+        lines += ["", f"All operators together: {p['total_ms']:.0f} ms of the generation's {p['wall_ms']:.0f} ms wall "
+                  "(under the profiler); the rest is Python: the model's modules, the loop and the drafter."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2_135m")
-    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--bcs", nargs="+", type=int, default=[10, 30, 60])
     ap.add_argument("--per-task", type=int, default=1, help="first N questions of each Spec-Bench task")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -193,7 +328,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-load-times", dest="load_times", action="store_false", help="skip the (cold ~40 s) load timing")
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     ap.add_argument("--json", type=Path, default=None, help="default: --out with .json")
+    ap.add_argument("--no-study", dest="study", action="store_false", help="skip the forward speed study")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile to the speed study (minutes of compilation)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler breakdown")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     res = run_bench(args)
     header = ("# Benchmarks\n\nEvery number below comes from one run of the command in its section; ratios are "
               "measured within that run. On a shared CPU absolute times are noisy: read the ratios.\n\n")
