@@ -106,11 +106,15 @@ class TokenRecycling(Drafter):
         return Block(ids, self.parents, depth, allowed)
 
     def observe(self, step: Step) -> None:
-        """adj[token_i] = top-8 of row i's logits, for every block row; on duplicate tokens the
-        accepted-path row wins, then the later row in BFS order."""
-        ids = step.block.ids[: step.block.n_tree]
-        on_path = set(step.path)
-        order = [i for i in range(len(ids)) if i not in on_path] + list(step.path)
-        last = {t: i for i, t in zip(order, ids[order].tolist())}  # later in `order` overwrites
-        rows = torch.tensor(list(last.values()), device=self.device)
-        self.adj[ids[rows]] = torch.topk(step.logits[rows], TOPK, dim=-1).indices
+        recycle(self.adj, step)
+
+
+def recycle(adj: torch.Tensor, step: Step) -> None:
+    """adj[token_i] = top-8 of tree row i's logits, for every tree row of the block; on duplicate tokens
+    the accepted-path row wins, then the later row in BFS order."""
+    ids = step.block.ids[: step.block.n_tree]
+    on_path = set(step.path)
+    order = [i for i in range(len(ids)) if i not in on_path] + list(step.path)
+    last = {t: i for i, t in zip(order, ids[order].tolist())}  # later in `order` overwrites
+    rows = torch.tensor(list(last.values()), device=adj.device)
+    adj[ids[rows].to(adj.device)] = torch.topk(step.logits[rows], adj.shape[1], dim=-1).indices

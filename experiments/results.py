@@ -14,8 +14,8 @@ import pandas as pd
 
 SCALARS = ["tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "ar_decode_calls", "call_reduction",
            "new_tokens", "max_tokens_per_forward", "mean_tokens_per_forward", "lossless", "n_prompts", "n_turns",
-           "max_new_tokens", "temperature", "task"]
-METHOD_OPTIONS = ["k", "widths", "tree", "pruner", "init", "ood_sigmas", "lam", "ema", "impl"]
+           "max_new_tokens", "temperature", "task", "loop_overhead"]
+METHOD_OPTIONS = ["k", "widths", "tree", "pruner", "init", "ood_sigmas", "lam", "ema", "impl", "variant"]
 
 
 def _job_keys(config: dict) -> dict:

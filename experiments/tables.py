@@ -123,6 +123,50 @@ def table6_calls(runs):
             .reindex(columns=[m for m in METHOD_ORDER if m in set(df.method)]).reset_index())
 
 
+def _variant(df) -> pd.Series:
+    return df["m_variant"].fillna("full") if "m_variant" in df else pd.Series("full", index=df.index)
+
+
+def esp_plus_tasks(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every method of the esp_plus_ablation sweep (ESP+ with all ingredients): τ per task and overall,
+    speedup and loop overhead; for ESP+, its τ over the best other method's at the same bc."""
+    df = ok_runs(runs, ["esp_plus_ablation"])
+    if df.empty:
+        return pd.DataFrame()
+    df = df[_variant(df) == "full"]
+    rows = []
+    for (model, bc), g in df.groupby(["model", "bc"], sort=True):
+        others = g[g.method != "esp_plus"]
+        for m in _methods(g):
+            r = g[g.method == m].iloc[-1]
+            row = {"model": model, "bc": bc, "method": METHOD_LABEL.get(m, m)}
+            row |= {t: (r.per_task_tau or {}).get(t) for t in TASK_ORDER}
+            row |= {"τ": r.tau, "speedup": r.speedup, "loop overhead": r.get("loop_overhead"), "lossless": r.lossless}
+            if m == "esp_plus" and len(others):
+                row["τ / best other"] = r.tau / others.tau.max()
+                best = {t: max((o.per_task_tau or {}).get(t) or 0 for _, o in others.iterrows()) for t in TASK_ORDER}
+                row["tasks ≥ 1.10× best"] = sum(((r.per_task_tau or {}).get(t) or 0) >= 1.10 * best[t] > 0 for t in TASK_ORDER)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def esp_plus_ablation(runs: pd.DataFrame) -> pd.DataFrame:
+    """ESP+ with each ingredient switched off (conf/arm/esp_plus_*): τ per task and overall, and the change
+    against ESP+ with every ingredient on at the same bc."""
+    df = ok_runs(runs, ["esp_plus_ablation"])
+    df = df[df.method == "esp_plus"] if not df.empty else df
+    if df.empty:
+        return pd.DataFrame()
+    df = df.assign(variant=_variant(df))
+    rows = []
+    for (model, bc), g in df.groupby(["model", "bc"], sort=True):
+        full = g[g.variant == "full"].tau
+        for _, r in g.sort_values("variant", key=lambda v: v.map(lambda x: (x != "full", x))).iterrows():
+            rows.append({"model": model, "bc": bc, "variant": r.variant} | {t: (r.per_task_tau or {}).get(t) for t in TASK_ORDER}
+                        | {"τ": r.tau, "Δτ vs full": r.tau - full.iloc[-1] if len(full) else None})
+    return pd.DataFrame(rows)
+
+
 TABLES = {
     "table1": table1,
     "fig4_per_task_tau": lambda runs: per_task_table(per_task_tau(runs)),
@@ -136,6 +180,8 @@ TABLES = {
     "pruner": lambda runs: _ablation(runs, "pruner", ["bc", "m_pruner"]),
     "ood_init": lambda runs: _ablation(runs, "ood_init", ["m_init", "m_ood_sigmas"]),
     "lambda": lambda runs: _ablation(runs, "lambda", ["m_lam"]),
+    "esp_plus_tasks": esp_plus_tasks,
+    "esp_plus_ablation": esp_plus_ablation,
 }
 
 

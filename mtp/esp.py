@@ -88,15 +88,18 @@ class ESP(Drafter):
         widths: list[int] | None = None,  # static [K_1..K_k]; null = fitted to bc
         tree: str = "static",  # static | dynamic (Algorithm 1)
         pruner: bool = True,  # skip a candidate equal to its parent's token
-        init: str = "mean",  # mean | last_k | sample | ood
+        init: str = "mean",  # mean | last_k | sample | ood | recent
         ood_sigmas: float = 5.0,  # ood init: mu + ood_sigmas * sigma
         lam: float = 0.1,  # EMA rate: m <- m + lam (e_new - m)
         ema: str = "token",  # token: once per committed token, in order | step: once per step, last token
+        momentum: float = 0.0,  # velocity term: v <- momentum v + lam_j (e - m); m <- m + v (0 = the paper's EMA)
+        depth_lam: bool = False,  # mask j moves at lam / j (a far mask follows the text more slowly)
+        init_window: int = 16,  # recent init: recency-weighted mean, weights exp(-age / init_window)
         impl: str = "efficient",  # efficient: static layout built once | naive: rebuilt every step
         family: str | None = None,  # model family, for the paper's bc-60 default (qwen3: k=1)
         seed: int = 0,
     ):
-        for key, val, allowed in (("tree", tree, ("static", "dynamic")), ("init", init, ("mean", "last_k", "sample", "ood")),
+        for key, val, allowed in (("tree", tree, ("static", "dynamic")), ("init", init, ("mean", "last_k", "sample", "ood", "recent")),
                                   ("ema", ema, ("token", "step")), ("impl", impl, ("efficient", "naive"))):
             if val not in allowed:
                 raise ConfigError(f"method.{key}={val!r}: expected one of {list(allowed)}")
@@ -107,6 +110,7 @@ class ESP(Drafter):
             raise ConfigError(f"method.k={self.k}: ESP needs at least one mask")
         self.bc, self.tree, self.pruner, self.init = bc, tree, pruner, init
         self.ood_sigmas, self.lam, self.ema, self.impl, self.seed = ood_sigmas, lam, ema, impl, seed
+        self.momentum, self.depth_lam, self.init_window = momentum, depth_lam, init_window
         if tree == "static":
             self.widths = list(widths) if widths is not None else fit_widths(bc, self.k)
             if min(self.widths) < 1 or (self.k + 1) * (1 + sum(self.widths)) > bc:
@@ -136,12 +140,18 @@ class ESP(Drafter):
         elif self.init == "last_k":  # m_i = e_{t-k+i}
             last = prompt_ids[-k:] if len(prompt_ids) >= k else [prompt_ids[0]] * (k - len(prompt_ids)) + prompt_ids
             m = table[torch.tensor(last, device=table.device)].float()
+        elif self.init == "recent":  # context-weighted: the latest prompt tokens weigh most
+            ids = torch.tensor(prompt_ids, device=table.device)
+            age = torch.arange(len(prompt_ids) - 1, -1, -1, device=table.device, dtype=torch.float)
+            w = torch.exp(-age / self.init_window)
+            m = ((w[:, None] * table[ids].float()).sum(0) / w.sum()).expand(k, -1)
         elif self.init == "sample":
             g = torch.Generator(device=table.device).manual_seed(self.seed)
             m = (self.mu + self.sigma * torch.randn(self.mu.shape, generator=g, device=table.device)).expand(k, -1)
         else:  # ood
             m = (self.mu + self.ood_sigmas * self.sigma).expand(k, -1)
         self.masks = m.clone()
+        self.velocity = torch.zeros_like(self.masks)
         return self.masks
 
     def observe_prefill(self, probe_logits: torch.Tensor, root: int) -> None:
@@ -155,11 +165,19 @@ class ESP(Drafter):
         self._update_masks(step.committed)
 
     def _update_masks(self, committed: list[int]) -> None:
-        """EMA towards committed tokens' embeddings: m <- m + lam (e - m); rejected drafts never enter."""
+        """EMA towards committed tokens' embeddings: m <- m + lam (e - m); rejected drafts never enter.
+        With momentum, m moves by a velocity v <- momentum v + lam (e - m); with depth_lam mask j uses lam / j."""
         tokens = committed if self.ema == "token" else committed[-1:]
         e = self.table[torch.tensor(tokens, device=self.table.device)].float()
+        lam = self.lam
+        if self.depth_lam:
+            lam = self.lam / torch.arange(1, self.k + 1, device=e.device, dtype=torch.float)[:, None]
         for row in e:
-            self.masks += self.lam * (row - self.masks)
+            if self.momentum:
+                self.velocity.mul_(self.momentum).add_(lam * (row - self.masks))
+                self.masks += self.velocity
+            else:
+                self.masks += lam * (row - self.masks)
 
     # ------------------------------------------------------------------ proposal
     def propose(self, tokens: list[int]) -> Block:

@@ -2,7 +2,8 @@
 
 τ = Σ tokens committed by decode steps / Σ decode calls (the prefill's first token is in neither), so
 AR has τ = 1 exactly. Speedup = Σ AR wall time / Σ method wall time over the same prompt turns, both
-measured in the same job, interleaved per prompt.
+measured in the same job, interleaved per prompt. Loop overhead = decode time (wall − prefill) / time in
+the model calls − 1: what drafting, verification and the cache cost beside the forwards.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def summarize(records: list[dict]) -> dict:
         "stops": dict(sorted(Counter(r["stop"] for r in records).items())),  # why each turn ended
         "compared_with_ar": compared,
     }
+    if all("forward_s" in r for r in records):  # the loop's own cost per decode step, relative to the model call
+        fwd = sum(r["forward_s"] for r in records)
+        out["loop_overhead"] = _ratio(wall - sum(r["prefill_s"] for r in records), fwd) - 1 if fwd else None
     if compared:
         ar_calls = sum(r["ar_decode_calls"] for r in records)
         ar_wall = sum(r["ar_wall_s"] for r in records)

@@ -117,6 +117,8 @@ def _gen_fields(g: Generation, prefix: str = "") -> dict:
         f"{prefix}tokens_fed_mean": g.tokens_fed_mean,
         f"{prefix}accept_hist": g.accept_hist,
         f"{prefix}wall_s": g.wall_s,
+        f"{prefix}prefill_s": g.prefill_s,
+        f"{prefix}forward_s": g.forward_s,
     }
 
 

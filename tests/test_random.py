@@ -17,7 +17,7 @@ from .conftest import compose_cfg
 from .test_loop import chi2_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-METHODS = ["pld", "lade", "stand", "recycling", "esp", "esp_dynamic"]
+METHODS = ["pld", "lade", "stand", "recycling", "esp", "esp_dynamic", "esp_plus"]
 WORDS = "the sea a cat sat on mat and then one two three red blue x y z".split()
 NEAR_TIE = 1e-3  # a greedy divergence is only accepted at a top-2 logit gap below this (fp32 noise)
 
@@ -149,7 +149,7 @@ class GreedyDraftVerifier(Decoder):
 
 # LADE and STAND get too few drafts accepted on this tiny model (62 and 8 over 400 samples) for the
 # wrong verifier's skew to show at this sample size; the three below get enough
-@pytest.mark.parametrize("method", ["pld", "recycling", "esp"])
+@pytest.mark.parametrize("method", ["pld", "recycling", "esp", "esp_plus"])
 def test_the_sampling_test_catches_a_wrong_verifier(sampling_setup, method):
     model, ids, ar = sampling_setup
     drafter = drafter_for(method, 30, "tiny_llama", T)

@@ -8,6 +8,7 @@ from baselines.pld import PromptLookup
 from baselines.recycling import TokenRecycling
 from baselines.stand import Stand
 from mtp.esp import ESP
+from mtp.esp_plus import ESPPlus
 from mtp.loop import Drafter
 
 from .conftest import decode
@@ -18,6 +19,7 @@ METHODS = {  # name -> (drafter at bc 30, smallest pooled τ expected on these p
     "recycling": (lambda: TokenRecycling(bc=30), 1.0),
     "pld": (lambda: PromptLookup(bc=30), 1.0),
     "lade": (lambda: Lookahead(bc=30), 1.0),
+    "esp_plus": (lambda: ESPPlus(bc=30), 1.6),  # Token Recycling: 1.48 on these prompts
 }
 
 
