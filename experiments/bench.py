@@ -29,7 +29,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -40,8 +39,7 @@ from omegaconf import OmegaConf
 
 from mtp.cli import compose
 from mtp.data import load_questions
-from mtp.kv import keep_rows, new_cache
-from mtp.loop import Decoder, Drafter
+from mtp.loop import Decoder, Drafter, bare_forward_s, sync
 from mtp.models import chat_ids, load_model, stop_ids
 from mtp.runner import build_drafter, environment, write_atomic
 
@@ -52,39 +50,6 @@ METHODS = {
     "esp_plus": ["method=esp_plus"],
 }
 DEFAULT_METHODS = ["ar", "pld", "lade", "stand", "recycling", "esp", "esp_naive"]  # the paper's methods and rivals
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int, grad_mode=torch.inference_mode) -> float:
-    """Median seconds of one model forward of `n_tokens` (a chain, causal) on a `cache_len`-token cache."""
-    with grad_mode():
-        return _bare_forward_s(model, cache_len, n_tokens, repeats)
-
-
-def _bare_forward_s(model, cache_len, n_tokens, repeats):
-    device = next(model.parameters()).device
-    dtype = model.get_input_embeddings().weight.dtype
-    g = torch.Generator().manual_seed(0)
-    V = model.config.vocab_size
-    cache = new_cache(model.config, cache_len + n_tokens)  # the decode loop's cache
-    model(input_ids=torch.randint(0, V, (1, cache_len), generator=g).to(device), past_key_values=cache, use_cache=True)
-    ids = torch.randint(0, V, (1, n_tokens), generator=g).to(device)
-    local = torch.full((n_tokens, n_tokens), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
-    mask = torch.cat([torch.zeros(n_tokens, cache_len, dtype=dtype, device=device), local], 1)[None, None]
-    pos = torch.arange(cache_len, cache_len + n_tokens, device=device)[None]
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        keep_rows(cache, cache_len, [])  # back to the cache length
-    return statistics.median(times[1:])
 
 
 def peak_memory_mb(device) -> float:
@@ -237,10 +202,10 @@ def speed_study(model, cfg, prompt: list[int], eos, args) -> list[dict]:
 
 
 def _timed(fn, device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

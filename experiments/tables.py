@@ -128,24 +128,29 @@ def _variant(df) -> pd.Series:
 
 
 def esp_plus_tasks(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every method of the esp_plus_ablation sweep (ESP+ with all ingredients): τ per task and overall,
-    speedup and loop overhead; for ESP+, its τ over the best other method's at the same bc."""
+    """Every method of the esp_plus_ablation sweep, with ESP+ complete (`full`, and sized by cost): τ per
+    task and overall, speedup and loop overhead; for ESP+, its τ over the best other method's at the same
+    bc and the tasks where it is at least 1.10x the best other."""
     df = ok_runs(runs, ["esp_plus_ablation"])
     if df.empty:
         return pd.DataFrame()
-    df = df[_variant(df) == "full"]
+    df = df.assign(variant=_variant(df))
+    df = df[df.variant.isin(["full", "cost"])]
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows = []
     for (model, bc), g in df.groupby(["model", "bc"], sort=True):
         others = g[g.method != "esp_plus"]
-        for m in _methods(g):
-            r = g[g.method == m].iloc[-1]
-            row = {"model": model, "bc": bc, "method": METHOD_LABEL.get(m, m)}
-            row |= {t: (r.per_task_tau or {}).get(t) for t in TASK_ORDER}
-            row |= {"τ": r.tau, "speedup": r.speedup, "loop overhead": r.get("loop_overhead"), "lossless": r.lossless}
-            if m == "esp_plus" and len(others):
+        best = {t: max([(o.per_task_tau or {}).get(t) or 0 for _, o in others.iterrows()] or [0]) for t in TASK_ORDER}
+        for _, r in g.sort_values(["method", "variant"], key=lambda c: c.map(order) if c.name == "method" else c).iterrows():
+            label = METHOD_LABEL.get(r.method, r.method) + (" (cost)" if r.variant == "cost" else "")
+            row = {"model": model, "bc": bc, "method": label} | {t: (r.per_task_tau or {}).get(t) for t in TASK_ORDER}
+            row |= {"τ": r.tau, "speedup": r.speedup, "loop overhead": r.get("loop_overhead"),
+                    "tokens / forward": r.mean_tokens_per_forward, "lossless": r.lossless}
+            if r.method == "esp_plus" and len(others):
                 row["τ / best other"] = r.tau / others.tau.max()
-                best = {t: max((o.per_task_tau or {}).get(t) or 0 for _, o in others.iterrows()) for t in TASK_ORDER}
-                row["tasks ≥ 1.10× best"] = sum(((r.per_task_tau or {}).get(t) or 0) >= 1.10 * best[t] > 0 for t in TASK_ORDER)
+                present = [t for t in TASK_ORDER if best[t] > 0]
+                wins = sum(((r.per_task_tau or {}).get(t) or 0) >= 1.10 * best[t] for t in present)
+                row["tasks ≥ 1.10× best"] = f"{wins}/{len(present)}"
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -22,13 +22,14 @@ accepted node carries no masks, the next step has no ESP candidates.
 
 from __future__ import annotations
 
+import numpy
 import torch
 
 from baselines.pld import PromptLookup
 from baselines.recycling import RANK_PRIOR, TOPK, recycle
 from mtp.errors import ConfigError
 from mtp.esp import ESP
-from mtp.loop import Block, Step
+from mtp.loop import Block, Step, bare_forward_s
 
 SOURCES = ("recycling", "ngram", "esp")
 MAX_RATE = 0.95  # a child scores at most 0.95 x its parent: the top-n set stays prefix-closed
@@ -73,6 +74,8 @@ class ESPPlus(ESP):
         ngram_chains: int = 4,  # distinct context continuations followed
         ngram_depth: int = 16,  # tokens per continuation
         max_depth: int = 16,
+        size: str = "full",  # full: fill the bc budget | cost: stop where expected tokens per second peaks
+        cost_cache_len: int = 256,  # cache length of the forward-time curve measured for size=cost
         decay: float = 0.98,  # per step, on the acceptance counts
         prior_weight: float = 4.0,  # pseudo-observations of the prior rate
         init: str = "mean",
@@ -91,6 +94,9 @@ class ESPPlus(ESP):
             raise ConfigError(f"method.sources={list(sources)}: expected a non-empty subset of {list(SOURCES)}")
         if min(k, esp_width, ngram_chains, ngram_depth, max_depth) < 1 or mask_rows < 0:
             raise ConfigError("method.k, esp_width, ngram_chains, ngram_depth, max_depth must be >= 1, mask_rows >= 0")
+        if size not in ("full", "cost"):
+            raise ConfigError(f"method.size={size!r}: expected full or cost")
+        self.bc, self.size, self.cost_cache_len = bc, size, cost_cache_len
         self.sources = set(sources)
         self.use_esp = "esp" in self.sources and mask_rows > 0
         self.k, self.mask_rows = k, (mask_rows if self.use_esp else 0)
@@ -127,6 +133,11 @@ class ESPPlus(ESP):
         self.accepted = torch.zeros_like(self.prior)
         self.offered = torch.zeros_like(self.prior)
         self.mask_logits = None
+        if self.size == "cost":  # forward seconds for every block size 1..bc, interpolated from a grid
+            grid = sorted({n for n in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if n < self.bc} | {self.bc})
+            secs = [bare_forward_s(model, self.cost_cache_len, n, repeats=3) for n in grid]
+            curve = numpy.maximum.accumulate(numpy.interp(numpy.arange(self.bc + 1), grid, secs))  # monotone in size
+            self.t_of = torch.tensor(curve, dtype=torch.float, device=self.device)
         self._onehot = torch.eye(self.prior.shape[0], device=self.device)
         width = TOPK + self.ngram_chains + self.esp_width  # most candidate columns per node
         self._later = torch.ones(width, width, dtype=torch.bool, device=self.device).triu(1)
@@ -229,9 +240,16 @@ class ESPPlus(ESP):
             scores = torch.cat(all_score)
             if n_cand >= n_max and top[0] <= scores.topk(n_max).values[-1]:
                 break  # deeper nodes score below this level's best: none can enter the top n_max
-        # the tree: the n_max best (prefix-closed), in candidate order = BFS order
+        # the tree: the n best (prefix-closed), in candidate order = BFS order
         scores = torch.cat(all_score)
-        keep = scores.topk(min(n_max, n_cand)).indices.sort().values
+        n = min(n_max, n_cand)
+        if self.size == "cost":  # expected tokens per step (1 + Σ scores of the drafts) per second of forward
+            best = scores.topk(n).values[1:]
+            m = torch.arange(n, device=dev)
+            rows = m + 1 + torch.clamp(m + 1, max=self.mask_rows) * self.k
+            gain = torch.cat([torch.ones(1, device=dev), 1 + best.cumsum(0)]) / self.t_of[rows.clamp(max=self.bc)]
+            n = int(gain.argmax()) + 1
+        keep = scores.topk(n).indices.sort().values
         row = torch.full((n_cand,), -1, dtype=torch.long, device=dev)
         row[keep] = torch.arange(keep.shape[0], device=dev)
         parent = torch.cat(all_parent)[keep]

@@ -8,6 +8,7 @@ the drafter observes the forward. All counters live here and nowhere else.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -149,8 +150,7 @@ class Decoder:
         self._local_for, self._local = None, None  # additive form of the last block's `allowed`
 
     def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
 
     @torch.inference_mode()
     def generate(self, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int) -> Generation:
@@ -306,3 +306,33 @@ class Decoder:
             if q.sum() <= 0:
                 break
         return None, int(torch.multinomial(r, 1, generator=self.generator))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int, grad_mode=torch.inference_mode) -> float:
+    """Median seconds of one model forward of `n_tokens` (a chain, causal) on a `cache_len`-token cache
+    of the decode loop's kind (random tokens; after one untimed warm-up forward)."""
+    with grad_mode():
+        device = next(model.parameters()).device
+        dtype = model.get_input_embeddings().weight.dtype
+        g = torch.Generator().manual_seed(0)
+        V = model.config.vocab_size
+        cache = new_cache(model.config, cache_len + n_tokens)
+        model(input_ids=torch.randint(0, V, (1, cache_len), generator=g).to(device), past_key_values=cache, use_cache=True)
+        ids = torch.randint(0, V, (1, n_tokens), generator=g).to(device)
+        local = torch.full((n_tokens, n_tokens), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+        mask = torch.cat([torch.zeros(n_tokens, cache_len, dtype=dtype, device=device), local], 1)[None, None]
+        pos = torch.arange(cache_len, cache_len + n_tokens, device=device)[None]
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            keep_rows(cache, cache_len, [])  # back to the cache length
+        return statistics.median(times[1:])

@@ -26,7 +26,7 @@ GRID = [
     for bc in (4, 10, 30, 60)
     for opts in ({}, {"sources": ["recycling"]}, {"sources": ["ngram"]}, {"sources": ["esp"]},
                  {"sources": ["recycling", "ngram"]}, {"adaptive": False}, {"k": 2, "mask_rows": 3},
-                 {"momentum": 0.5, "init": "recent"}, {"k": 2, "mask_rows": 2, "depth_lam": True})
+                 {"momentum": 0.5, "init": "recent"}, {"k": 2, "mask_rows": 2, "depth_lam": True}, {"size": "cost"})
     if bc >= 2 + opts.get("mask_rows", 1) * opts.get("k", 1)
 ]
 
@@ -128,3 +128,20 @@ def test_rates_follow_what_is_accepted():
         d.observe(Step(Block(block.ids, block.parents, block.depth, block.allowed), logits, path, [30, 31]))
     after = d.rates()
     assert after[d.b_ngram] > before[d.b_ngram] and after[0] < before[0]
+
+
+def test_cost_sizing_follows_the_forward_time_curve():
+    """size=cost: with a forward time flat in the block size the tree fills the budget; with a time
+    proportional to the size (every draft costs a whole forward) no draft pays, so the block is the root
+    and its masks."""
+    d = ESPPlus(bc=12, sources=["recycling", "ngram"])
+    d.setup(Table())
+    d.size = "cost"  # with the curve set here instead of timed on a model
+    d.adj[7] = torch.tensor([3, 4, 5, 6, 8, 9, 10, 11])
+    d.adj[3] = torch.tensor([12, 13, 14, 15, 16, 17, 18, 19])
+    d.adj_filled[[7, 3]] = True
+    tokens = [1, 2, 7, 3, 20, 21, 1, 2, 7]
+    d.t_of = torch.ones(13)
+    assert d.propose(tokens).size == 12
+    d.t_of = torch.arange(13, dtype=torch.float)
+    assert d.propose(tokens).size == 1

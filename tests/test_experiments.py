@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from experiments.report import write_report
@@ -94,3 +95,23 @@ def test_local_launcher_runs_jobs_in_parallel_processes(tmp_path):
     runs = load_runs(tmp_path)
     assert sorted(runs.bc) == [10, 30] and set(runs.status) == {"ok"} and all(runs.lossless)
     assert (tmp_path / ".submitit").is_dir()
+
+
+def test_esp_plus_ablation_sweep_over_arms_to_its_tables(tmp_path):
+    """The arms sweep: rivals and ESP+ carry the AR comparison, ablation arms record τ only; the two ESP+
+    tables come from the one sweep."""
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "run.py", "experiment=esp_plus_ablation", "model=tiny_llama", "bc=30",
+                        "arm=recycling,esp_plus,esp_plus_no_ngram", "task.limit=3", "max_new_tokens=6",
+                        "wandb.mode=disabled", f"hydra.sweep.dir={sweep}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = load_runs(sweep).set_index("m_variant", drop=False)
+    assert len(runs) == 3 and set(runs.status) == {"ok"}
+    assert pd.isna(runs.loc["no_ngram"].speedup) and runs.loc["no_ngram"].tau > 0  # τ only
+    assert runs.loc["full"].lossless and runs.loc["full"].loop_overhead > 0
+    write_report(sweep, tmp_path / "report")
+    tasks = (tmp_path / "report" / "esp_plus_tasks.md").read_text()
+    assert "| tiny_llama | 30 | Recycling |" in tasks and "| tiny_llama | 30 | ESP+ |" in tasks and "/1 |" in tasks
+    ablation = (tmp_path / "report" / "esp_plus_ablation.md").read_text()
+    assert "| tiny_llama | 30 | full |" in ablation and "| tiny_llama | 30 | no_ngram |" in ablation
