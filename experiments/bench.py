@@ -41,7 +41,7 @@ from mtp.cli import compose
 from mtp.data import load_questions
 from mtp.loop import Decoder, Drafter, bare_forward_s, sync
 from mtp.models import chat_ids, load_model, stop_ids
-from mtp.runner import build_drafter, environment, write_atomic
+from mtp.runner import build_drafter, environment, first_difference, write_atomic
 
 # bench name -> the method's config overrides
 METHODS = {
@@ -156,12 +156,14 @@ def speed_study(model, cfg, prompt: list[int], eos, args) -> list[dict]:
     def times(m, grad_mode=torch.inference_mode):
         return bare_forward_s(m, n_ctx, 1, reps, grad_mode), bare_forward_s(m, n_ctx, 30, reps, grad_mode)
 
-    def lossless(m) -> bool:
+    def lossless(m) -> bool | dict:
+        """True, or where ESP's output first leaves AR's with the variant's top-2 logit gap there."""
         dec = Decoder(m, eos)
         esp = build_drafter(compose([f"model={args.model}", "method=esp", "bc=30"]))
         esp.setup(m)
         n = min(args.max_new_tokens, 32)
-        return dec.generate(esp, prompt, n).new_ids == dec.generate(Drafter(), prompt, n).new_ids
+        ids, ar_ids = dec.generate(esp, prompt, n).new_ids, dec.generate(Drafter(), prompt, n).new_ids
+        return True if ids == ar_ids else first_difference(m, prompt, ids, ar_ids)
 
     def variant(name, setup, teardown, grad_mode=torch.inference_mode, check=None, note=""):
         print(f"[bench] speed study: {name}", file=sys.stderr, flush=True)
@@ -268,7 +270,11 @@ def to_markdown(res: dict) -> str:
             if "weights_mb" in r:
                 floor = r
                 continue
-            lossless = "—" if r["lossless_own_numerics"] is None else r["lossless_own_numerics"]
+            lossless = r["lossless_own_numerics"]
+            if lossless is None:
+                lossless = "—"
+            elif lossless is not True:  # a divergence, shown with the variant's top-2 logit gap there
+                lossless = f"False: token {lossless['position']}, top-2 gap {lossless['top2_gap']:.3g}"
             lines.append(f"| {r['variant']} | {r['t1_ms']:.1f} ({r['base_1_ms']:.1f}) | {r['t30_ms']:.1f} ({r['base_30_ms']:.1f}) | "
                          f"{r['speedup_1']:.2f} | {r['speedup_30']:.2f} | {r['setup_and_timing_s']:.1f} | {lossless} | {r['note']} |")
         lines += ["", f"Floor of a 1-token forward: {floor['weights_mb']:.0f} MiB of weights read once at the measured "
