@@ -10,7 +10,7 @@ import json
 import os
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,8 @@ def read_questions(path: Path) -> list[Question]:
 
 def load_questions(cfg) -> list[Question]:
     """Questions of `cfg.path` restricted to `cfg.categories`, then `cfg.per_category`, `cfg.per_task`
-    (the first N of each category / task, in file order), then `cfg.limit`."""
+    (the first N of each category / task, in file order), then `cfg.limit`; each cut to its first
+    `cfg.turns` turns."""
     questions = read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
     categories = cfg.get("categories")
     if categories:
@@ -115,4 +116,6 @@ def load_questions(cfg) -> list[Question]:
             questions = kept
     if cfg.get("limit"):
         questions = questions[: cfg.limit]
+    if cfg.get("turns"):
+        questions = [replace(q, turns=q.turns[: cfg.turns]) for q in questions]
     return questions

@@ -49,3 +49,16 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="prompt file not found"):
         load_questions(_task(tmp_path / "nope.jsonl"))
+
+
+def test_turns_keeps_the_first_turns(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mtp.data import load_questions
+
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question_id": 1, "category": "writing", "turns": ["a", "b"]}\n'
+                    '{"question_id": 2, "category": "qa", "turns": ["c"]}\n')
+    both = load_questions(OmegaConf.create({"path": str(path)}))
+    first = load_questions(OmegaConf.create({"path": str(path), "turns": 1}))
+    assert [q.turns for q in both] == [["a", "b"], ["c"]] and [q.turns for q in first] == [["a"], ["c"]]
