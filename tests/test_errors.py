@@ -30,10 +30,10 @@ def cli(*args, env=None):
 
 @pytest.mark.parametrize("arg,message", [
     ("model=llama3_9b", "unknown model 'llama3_9b'; valid: llama3_2_3b, llama3_8b, qwen3_32b, qwen3_8b, smollm2_135m"),
-    ("method=eagle", "unknown method 'eagle'; valid: ar, esp, esp_dynamic, lade, pld, recycling, stand"),
+    ("method=eagle", "unknown method 'eagle'; valid: ar, esp, esp_dynamic, esp_plus, lade, pld, recycling, stand"),
     ("method=pld,eagle", "unknown method 'eagle'"),
     ("task=gsm8k", "unknown task 'gsm8k'; valid: math_reasoning, mt_bench"),
-    ("experiment=table9", "unknown experiment 'table9'; valid: bc120, fig2, fig4"),
+    ("experiment=table9", "unknown experiment 'table9'; valid: bc120, esp_plus_ablation, fig2"),
     ("+esp_tree=bc30_1_1", "unknown esp_tree 'bc30_1_1'"),
 ])
 def test_unknown_choice_lists_the_valid_ones(arg, message):
