@@ -132,6 +132,7 @@ class ESPPlus(ESP):
         self.prior = self.prior.to(self.device)
         self.accepted = torch.zeros_like(self.prior)
         self.offered = torch.zeros_like(self.prior)
+        self.drafts_expected = self.drafts_accepted = 0.0  # Σ scores of the drafted nodes vs drafts accepted
         self.mask_logits = None
         if self.size == "cost":  # forward seconds for every block size 1..bc, interpolated from a grid
             grid = sorted({n for n in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if n < self.bc} | {self.bc})
@@ -243,11 +244,12 @@ class ESPPlus(ESP):
         # the tree: the n best (prefix-closed), in candidate order = BFS order
         scores = torch.cat(all_score)
         n = min(n_max, n_cand)
-        if self.size == "cost":  # expected tokens per step (1 + Σ scores of the drafts) per second of forward
+        if self.size == "cost":  # expected tokens per step (1 + c Σ scores of the drafts) per second of forward
             best = scores.topk(n).values[1:]
             m = torch.arange(n, device=dev)
             rows = m + 1 + torch.clamp(m + 1, max=self.mask_rows) * self.k
-            gain = torch.cat([torch.ones(1, device=dev), 1 + best.cumsum(0)]) / self.t_of[rows.clamp(max=self.bc)]
+            c = (self.drafts_accepted + 1) / (self.drafts_expected + 1)  # calibration: accepted / Σ scores, recently
+            gain = torch.cat([torch.ones(1, device=dev), 1 + c * best.cumsum(0)]) / self.t_of[rows.clamp(max=self.bc)]
             n = int(gain.argmax()) + 1
         keep = scores.topk(n).indices.sort().values
         row = torch.full((n_cand,), -1, dtype=torch.long, device=dev)
@@ -258,6 +260,7 @@ class ESPPlus(ESP):
         ids = torch.cat(all_tok)[keep]
         allowed = tree_masks(parents, depth)
         self._member = torch.cat(all_member)[keep]
+        self._expected = float(scores[keep][1:].sum())
         self._parents = parents
         embeds = None
         if self.mask_rows:  # masks on the nodes most likely to be the deepest accepted one
@@ -280,6 +283,8 @@ class ESPPlus(ESP):
         member = self._member[1:].float()
         self.offered.mul_(self.decay).add_((member * on_path[self._parents[1:]][:, None]).sum(0))
         self.accepted.mul_(self.decay).add_((member * on_path[1:][:, None]).sum(0))
+        self.drafts_expected = self.decay * self.drafts_expected + self._expected
+        self.drafts_accepted = self.decay * self.drafts_accepted + len(step.path) - 1
         if self.use_esp:
             b = step.path[-1]
             hit = (self._owners == b).nonzero().flatten()
