@@ -179,8 +179,9 @@ def speed_study(model, cfg, prompt: list[int], eos, args) -> list[dict]:
         return row
 
     out = []
-    out.append(variant("eager attention (shipped: sdpa)", lambda: (model.set_attn_implementation("eager"), model)[1],
-                       lambda m: m.set_attn_implementation("sdpa")))
+    shipped_attn = model.config._attn_implementation
+    out.append(variant(f"eager attention (shipped: {shipped_attn})", lambda: (model.set_attn_implementation("eager"), model)[1],
+                       lambda m: m.set_attn_implementation(shipped_attn)))
     out.append(variant(f"1 thread (shipped: {threads})", lambda: (torch.set_num_threads(1), model)[1],
                        lambda m: torch.set_num_threads(threads)))
     out.append(variant("torch.no_grad (shipped: inference_mode)", lambda: model, lambda m: None, grad_mode=torch.no_grad))

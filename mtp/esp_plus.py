@@ -39,7 +39,7 @@ def tree_masks(parents: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     """Ancestor-or-self attention (n, n) of a BFS-ordered tree, one tensor op per depth level."""
     n = parents.shape[0]
     allowed = torch.eye(n, dtype=torch.bool, device=parents.device)
-    for d in range(1, int(depth.max()) + 1 if n > 1 else 1):
+    for d in range(1, int(depth.max()) + 1):
         rows = (depth == d).nonzero().flatten()
         allowed[rows] |= allowed[parents[rows]]
     return allowed
