@@ -92,7 +92,7 @@ class ESP(Drafter):
         ood_sigmas: float = 5.0,  # ood init: mu + ood_sigmas * sigma
         lam: float = 0.1,  # EMA rate: m <- m + lam (e_new - m)
         ema: str = "token",  # token: once per committed token, in order | step: once per step, last token
-        momentum: float = 0.0,  # velocity term: v <- momentum v + lam_j (e - m); m <- m + v (0 = the paper's EMA)
+        momentum: float = 0.0,  # velocity term: v <- momentum v + lam (e - m); m <- m + v (0 = the paper's EMA)
         depth_lam: bool = False,  # mask j moves at lam / j (a far mask follows the text more slowly)
         init_window: int = 16,  # recent init: recency-weighted mean, weights exp(-age / init_window)
         impl: str = "efficient",  # efficient: static layout built once | naive: rebuilt every step
