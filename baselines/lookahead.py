@@ -1,4 +1,5 @@
-"""LADE — Lookahead Decoding (Fu et al., ICML 2024; METHODS §2) as a drafter on the one decode loop.
+"""LADE — Lookahead Decoding (Fu et al., "Break the Sequential Dependency of LLM Inference Using Lookahead
+Decoding", ICML 2024; reference code github.com/hao-ai-lab/LookaheadDecoding) as a drafter on the one loop.
 
 State (per generation): a 2-D Jacobi window and an n-gram pool `key token -> LRU list of (N-1)-token
 continuations`, at most G per key (most recently used last).
@@ -36,7 +37,7 @@ Tokens per forward = 1 + |trie| + window rows, window rows = (C-1) + f*C at fill
 
 Options and deviations from the reference code (all lossless):
 - `full_match_bonus=true` (default): a whole matched n-gram also commits the bonus token (N per step).
-  `false` reproduces the reference code as METHODS §2 describes it (at most N-1 tokens per step; the
+  `false` reproduces the reference code's original verification (at most N-1 tokens per step; the
   later lade/decoding.py with `range(len(myguess) + 1)` already commits N): each proposed n-gram
   is truncated to its first N-2 tokens, so a full match commits N-2 drafts + the bonus = N-1 tokens,
   and any shorter match commits exactly what the reference commits. (The N-1-th guess token is then not
@@ -45,7 +46,7 @@ Options and deviations from the reference code (all lossless):
   N-1 tokens) and, as in the reference, the n-gram ending at every committed token is added as well.
 - The trie is proposed whenever the pool holds n-grams for the root, also during warm-up (the reference
   only sends guesses once the window is full; this only matters with pool_from_prompt).
-- Everything is reset per generation in prefill_probes(); nothing persists across prompts.
+- Everything is reset per generation in start(); nothing persists across prompts.
 
 Default (N, W, G) by bc: the paper's fits (3,4,1) -> 10, (4,5,5) -> 30, (5,8,7) -> 60; any other bc takes
 the largest entry of CANDIDATES whose full-size block (trie of (N-1)G rows, flag-independent) fits in bc.
@@ -59,8 +60,9 @@ import random
 
 import torch
 
+from mtp.drafting import trie
 from mtp.errors import ConfigError
-from mtp.loop import Block, Drafter, Step, tree_layout
+from mtp.loop import Block, Drafter, Layout, Step, tree_layout
 
 PAPER = {10: (3, 4, 1), 30: (4, 5, 5), 60: (5, 8, 7)}
 # (N, W, G) in increasing order of max tokens per forward (the number after each); ties keep the first
@@ -178,7 +180,7 @@ class Lookahead(Drafter):
         """Window columns C (column 0 of row 0 is the root)."""
         return len(self.rows[0]) + 1
 
-    def prefill_probes(self, prompt_ids: list[int]) -> None:
+    def start(self, prompt_ids: list[int]) -> None:
         rng = random.Random(self.seed)
         self.rows = [[rng.choice(prompt_ids) for _ in range(self.W + self.N - 3)]]
         self.pool = {}
@@ -204,20 +206,12 @@ class Lookahead(Drafter):
 
     # ------------------------------------------------------------------ proposal
     def _trie(self, root: int) -> tuple[list[int], list[int]]:
-        ids, parents, child = [root], [-1], {}
-        for ngram in self.pool.get(root, ()):  # oldest first, as the reference feeds them
-            row = 0
-            for t in ngram[: self.draft_len]:
-                if (row, t) not in child:
-                    child[(row, t)] = len(ids)
-                    ids.append(t)
-                    parents.append(row)
-                row = child[(row, t)]
-        return ids, parents
+        """The root's pool n-grams (oldest first, as the reference feeds them) merged into one trie."""
+        return trie(root, (ngram[: self.draft_len] for ngram in self.pool.get(root, ())))
 
-    def _layout(self, parents: list[int], C: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block depth/attention for a trie (parents) and a C x (f+1) window; cached (same tensors for the
-        same shape, so the loop's additive mask is reused)."""
+    def _layout(self, parents: list[int], C: int, f: int) -> Layout:
+        """The block layout of a trie (parents) and a C x (f+1) window; built once per shape (static, so the
+        loop converts it once)."""
         key = (tuple(parents), C, f)
         if key not in self._layouts:
             if len(self._layouts) > 512:
@@ -230,14 +224,13 @@ class Lookahead(Drafter):
             allowed[:n, :n] = t_allowed
             allowed[n:, 0] = w_allowed[1:, 0]
             allowed[n:, n:] = w_allowed[1:, 1:]
-            self._layouts[key] = (depth, allowed)
+            self._layouts[key] = Layout(depth, allowed, static=True)
         return self._layouts[key]
 
     def propose(self, tokens: list[int]) -> Block:
         ids, parents = self._trie(tokens[-1])
         window = [t for row in self.rows for t in row]
-        depth, allowed = self._layout(parents, self.cols, self.fill)
-        block = Block(torch.tensor(ids + window, dtype=torch.long), parents, depth, allowed)
+        block = Block(torch.tensor(ids + window, dtype=torch.long), parents, self._layout(parents, self.cols, self.fill))
         assert block.size <= self.min_bc <= self.bc, (block.size, self.min_bc, self.bc)
         return block
 

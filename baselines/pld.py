@@ -1,8 +1,8 @@
-"""PLD — Prompt Lookup Decoding (Saxena 2023; METHODS §2).
+"""PLD — Prompt Lookup Decoding (Saxena, 2023, github.com/apoorvumang/prompt-lookup-decoding).
 
 For n = max_ngram_size .. 1: find the earliest earlier occurrence of the last n tokens of
-(prompt + output) whose continuation fits, and draft the next num_pred_tokens tokens as a chain.
-No match: a plain AR step (block = root only).
+(prompt + output) whose continuation fits, and draft the next num_pred_tokens tokens as a chain
+(`mtp.drafting.copy_matches`). No match: a plain AR step (block = root only).
 
 - `truncated=false` (reference code): the continuation must be whole (num_pred_tokens long).
   `truncated=true` (transformers' `prompt_lookup_num_tokens`): a shorter continuation at the end of the
@@ -15,8 +15,7 @@ No match: a plain AR step (block = root only).
 
 from __future__ import annotations
 
-import torch
-
+from mtp.drafting import copy_matches, trie
 from mtp.errors import ConfigError
 from mtp.loop import Block, Drafter, tree_block
 
@@ -35,33 +34,11 @@ class PromptLookup(Drafter):
     def matches(self, tokens: list[int]):
         """Continuations of earlier occurrences of the text's last n tokens, n from long to short,
         earliest occurrence first: yields lists of up to num_pred_tokens tokens."""
-        seq = torch.tensor(tokens)
-        L, K = len(tokens), self.num_pred_tokens
-        for n in range(min(self.max_ngram_size, L - 1), 0, -1):
-            hits = (seq.unfold(0, n, 1) == seq[-n:]).all(dim=1).nonzero().flatten().tolist()
-            for i in hits:
-                start, end = i + n, i + n + K
-                if self.truncated:
-                    end = min(end, L)
-                elif end > L or start >= L - n:
-                    continue
-                if start < end:
-                    yield tokens[start:end]
+        return copy_matches(tokens, self.max_ngram_size, self.num_pred_tokens, self.truncated)
 
     def propose(self, tokens: list[int]) -> Block:
         root = tokens[-1]
         if not self.tree:
             draft = next(self.matches(tokens), [])
             return tree_block([root] + draft, list(range(-1, len(draft))))
-        ids, parents, child = [root], [-1], {}  # trie of matches: child[(row, token)] -> row
-        for draft in self.matches(tokens):
-            row = 0
-            for t in draft:
-                if (row, t) not in child:
-                    if len(ids) == self.bc:
-                        return tree_block(ids, parents)
-                    child[(row, t)] = len(ids)
-                    ids.append(t)
-                    parents.append(row)
-                row = child[(row, t)]
-        return tree_block(ids, parents)
+        return tree_block(*trie(root, self.matches(tokens), max_rows=self.bc))  # several matches in one trie

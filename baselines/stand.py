@@ -1,4 +1,5 @@
-"""STAND — Stochastic Adaptive N-gram Drafting (Song et al., EMNLP 2025, arXiv 2506.04708; METHODS §2).
+"""STAND — Stochastic Adaptive N-gram Drafting (Song et al., "Accelerated Test-Time Scaling with Model-Free
+Speculative Sampling", EMNLP 2025, arXiv 2506.04708).
 
 No official code exists; this is a reimplementation on the project's decode loop.
 
@@ -24,7 +25,7 @@ fill are filled from the next sources in the same order, without repeats. A shap
 candidate is dropped together with its subtree, so a step feeds at most 1 + (bc - 1) tokens.
 
 Tree shapes (`tree`): `auto` = the fitted tree for (model_name, bc) from conf/method/stand_trees/<model>.json
-(written by `python -m baselines.fit_stand_tree`; a file's `trees[bc]`, else the first bc - 1 nodes of its
+(written by `python -m experiments.fit_trees`; a file's `trees[bc]`, else the first bc - 1 nodes of its
 `ranking`, which is nested and prefix-closed), and the rule below when no file exists; `rule` = always the
 rule; or a path to such a JSON file.
 Fallback rule: the bc - 1 rank paths of highest prior score Π_d A[r_d] with A[0] = 0.5, A[r] = 0.25·0.6^(r-1)
@@ -52,28 +53,17 @@ from pathlib import Path
 
 import torch
 
+from mtp.drafting import RankPath, bfs_order, check_rank_tree, rank_tree_parents
 from mtp.errors import ConfigError
 from mtp.loop import Block, Drafter, Step, tree_layout
 
 TREES_DIR = Path(__file__).resolve().parent.parent / "conf" / "method" / "stand_trees"
 RULE_PRIOR = [0.5] + [0.25 * 0.6 ** (r - 1) for r in range(1, 10)]  # rough P(rank r child accepted | parent)
 
-RankPath = tuple[int, ...]
-
 
 # --------------------------------------------------------------------------- tree shapes
-def bfs_order(paths) -> list[RankPath]:
-    return sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
-
-
 def check_shape(paths: list[RankPath]) -> None:
-    """Rank paths must be non-empty, non-negative and prefix-closed (every node's parent is in the tree)."""
-    have = set(paths)
-    for p in paths:
-        if not p or min(p) < 0:
-            raise ConfigError(f"STAND tree node {list(p)} is not a rank path (non-empty, ranks >= 0)")
-        if len(p) > 1 and p[:-1] not in have:
-            raise ConfigError(f"STAND tree is not prefix-closed: {list(p)} has no parent {list(p[:-1])}")
+    check_rank_tree(paths, "STAND")
 
 
 def rule_tree(n: int, prior: list[float] = RULE_PRIOR, max_depth: int | None = None) -> list[RankPath]:
@@ -196,8 +186,7 @@ class Stand(Drafter):
         self.n_children = [0] * (len(paths) + 1)
         for par, r in zip(self.node_parent, self.node_rank):
             self.n_children[par + 1] = max(self.n_children[par + 1], r + 1)
-        full_parents = [-1] + [par + 1 for par in self.node_parent]
-        self.full_layout = tree_layout(full_parents)  # reused when every node is drafted (mask cached)
+        self.full_layout = tree_layout(rank_tree_parents(paths), static=True)  # when every node is drafted
         self.store: dict[tuple[int, ...], tuple[list[int], list[float], int]] = {}
         self.prompt_counts: dict[tuple[int, ...], dict[int, list[int]]] = {}
         self.rng = random.Random(seed)
@@ -209,7 +198,7 @@ class Stand(Drafter):
         self.store = {}
         self.prompt_counts = {}
 
-    def prefill_probes(self, prompt_ids: list[int]) -> None:
+    def start(self, prompt_ids: list[int]) -> None:
         """Per generation: reseed the RNG, reset the store unless `persist`, count the prompt's n-grams."""
         self.rng = random.Random(self.seed)
         if not self.persist:
@@ -327,8 +316,5 @@ class Stand(Drafter):
     def propose(self, tokens: list[int]) -> Block:
         self._hist = tuple(tokens[-self.max_n :])
         ids, parents, self.row_paths, draft_q = self.draft(self._hist)
-        if len(ids) == len(self.paths) + 1:  # the whole static shape: reuse its layout
-            depth, allowed = self.full_layout
-        else:
-            depth, allowed = tree_layout(parents)
-        return Block(torch.tensor(ids, dtype=torch.long), parents, depth, allowed, draft_q=draft_q or None)
+        layout = self.full_layout if len(ids) == len(self.paths) + 1 else tree_layout(parents)  # whole shape: reuse
+        return Block(torch.tensor(ids, dtype=torch.long), parents, layout, draft_q=draft_q or None)

@@ -1,4 +1,4 @@
-"""Figure 2 / Lemma 3.1: how well a mask's hidden state aligns with the true token's (METHODS §6).
+"""Figure 2 / Lemma 3.1 of the ESP paper: how well a mask's hidden state aligns with the true token's.
 
 For every generated position q, the mask sits in the slot of x_{s+1} = seq[q] (position q, attending to
 seq[:q] and itself) and the true token x_{s+1} sits in the same slot; both predict x_{s+2} = seq[q+1].
@@ -9,8 +9,9 @@ high enough similarity puts x_{s+2} in the mask's Top-K; the summary measures th
 The analysis is teacher-forced on the greedy continuation, one forward per prompt turn: the true
 sequence and all of its masks go through the model together, each mask row seeing exactly the prefix
 it sees during decoding (the root's masks of the step whose root is x_s, at the same position, with
-the same embedding). The mask embedding comes from the ESP drafter itself (its init and per-token EMA,
-`method.ema=token`), so this is the decoder's mask state, not a re-derivation.
+the same embedding). The mask embedding comes from the ESP drafter's own mask component
+(`mtp.masks.MaskEmbeddings`: its init and per-token EMA, `method.ema=token`), so this is the decoder's mask
+state, not a re-derivation.
 
     python run.py experiment=fig2 model=smollm2_135m     # writes alignment.jsonl + alignment.json
     python -m experiments.report --results results/fig2  # the figure
@@ -31,24 +32,26 @@ from mtp.data import load_questions
 from mtp.errors import ConfigError
 from mtp.esp import ESP
 from mtp.loop import Decoder, Drafter
+from mtp.masks import MaskEmbeddings
 from mtp.models import chat_ids, load_model, stop_ids
 from mtp.runner import build_drafter, environment, validate, write_atomic
 
 N_BINS = 10  # similarity bins of the Lemma 3.1 check
 
 
-def mask_states(drafter: ESP, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
-    """(len(new_ids), H): the mask embedding in the slot of each generated token, i.e. the ESP state
-    after the init from the prompt and the EMA over the generated tokens before that slot."""
-    states = [drafter.prefill_probes(prompt_ids)[0].clone()]
+def mask_states(masks: MaskEmbeddings, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
+    """(len(new_ids), H): the first mask's embedding in the slot of each generated token, i.e. the mask
+    state after the init from the prompt and the EMA over the generated tokens before that slot."""
+    masks.start(prompt_ids)
+    states = [masks.vectors[0].clone()]
     for tok in new_ids[:-1]:
-        drafter._update_masks([tok])
-        states.append(drafter.masks[0].clone())
+        masks.update([tok])
+        states.append(masks.vectors[0].clone())
     return torch.stack(states)
 
 
 @torch.inference_mode()
-def mask_forward(model, drafter: ESP, prompt_ids: list[int], new_ids: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+def mask_forward(model, masks: MaskEmbeddings, prompt_ids: list[int], new_ids: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """One forward of `[prompt + new_ids | a mask per slot]`. Returns the slots q (positions of
     x_{s+1} = seq[q], each with a known next token), the per-layer cosine (layers + 1, slots) of the
     mask vs the true token in each slot (layer 0 = input embeddings), and the masks' logits (slots, V)."""
@@ -59,8 +62,8 @@ def mask_forward(model, drafter: ESP, prompt_ids: list[int], new_ids: list[int])
     if not slots:
         return slots, torch.empty(0, 0), torch.empty(0, embed.weight.shape[0])
     n, m = len(seq), len(slots)
-    masks = mask_states(drafter, prompt_ids, new_ids)[:m].to(device, dtype)
-    embeds = torch.cat([embed(torch.tensor(seq, device=device)), masks])[None]
+    rows = mask_states(masks, prompt_ids, new_ids)[:m].to(device, dtype)
+    embeds = torch.cat([embed(torch.tensor(seq, device=device)), rows])[None]
     q = torch.tensor(slots, device=device)
     position_ids = torch.cat([torch.arange(n, device=device), q])[None]  # a mask shares its slot's position
     allowed = torch.zeros(n + m, n + m, dtype=torch.bool, device=device)
@@ -75,10 +78,10 @@ def mask_forward(model, drafter: ESP, prompt_ids: list[int], new_ids: list[int])
     return slots, cos, out.logits[0, n:].float()
 
 
-def align_turn(model, drafter: ESP, prompt_ids: list[int], new_ids: list[int], top_k: int) -> dict:
+def align_turn(model, masks: MaskEmbeddings, prompt_ids: list[int], new_ids: list[int], top_k: int) -> dict:
     """Per slot: per-layer cosine of mask vs true hidden state, whether the mask's top-1 is the true
     next token x_{s+2}, whether x_{s+2} is in the mask's Top-K, and its rank among the mask's logits."""
-    slots, cos, logits = mask_forward(model, drafter, prompt_ids, new_ids)
+    slots, cos, logits = mask_forward(model, masks, prompt_ids, new_ids)
     if not slots:
         return {"cos": [], "accepted": [], "in_top_k": [], "rank": []}
     target = torch.tensor(new_ids[1:], device=logits.device)
@@ -133,7 +136,7 @@ def run_alignment(cfg, out_dir: Path) -> dict:
     drafter = build_drafter(cfg)
     if not isinstance(drafter, ESP):
         raise ConfigError(f"job=alignment analyses ESP's masks; method={cfg.method.name} has none (use method=esp)")
-    if drafter.ema != "token":
+    if drafter.masks.ema != "token":
         raise ConfigError("job=alignment needs method.ema=token: with per-step EMA the mask state depends on "
                           "how tokens were grouped into steps, which a teacher-forced pass does not know")
     top_k = drafter.widths[0] if drafter.tree == "static" else drafter.budget - 1
@@ -154,7 +157,7 @@ def run_alignment(cfg, out_dir: Path) -> dict:
                 ids = chat_ids(tok, history, thinking)
                 new = decoder.generate(Drafter(), ids, cfg.max_new_tokens).new_ids
                 row = {"question_id": q.question_id, "category": q.category, "turn": turn, "prompt_tokens": len(ids)}
-                row |= align_turn(model, drafter, ids, new, top_k)
+                row |= align_turn(model, drafter.masks, ids, new, top_k)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 rows.append(row)

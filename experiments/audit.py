@@ -21,16 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from mtp.metrics import first_mismatch
 from mtp.runner import read_records
-
-
-def first_mismatch(ids: list[int], ref: list[int]) -> int | None:
-    """The first position where `ids` and `ref` differ, a missing token included; None if identical."""
-    n = min(len(ids), len(ref))
-    pos = next((i for i in range(n) if ids[i] != ref[i]), None)
-    if pos is None and len(ids) != len(ref):
-        pos = n
-    return pos
 
 
 def _jobs(root: Path) -> list[dict]:

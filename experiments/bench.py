@@ -37,19 +37,25 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mtp.cli import compose
+from mtp.cli import choices, compose, search_path_overrides
 from mtp.data import load_questions
 from mtp.loop import Decoder, Drafter, bare_forward_s, sync
+from mtp.metrics import summarize
 from mtp.models import chat_ids, load_model, stop_ids
-from mtp.runner import build_drafter, environment, first_difference, write_atomic
+from mtp.runner import build_drafter, environment, first_difference, run_turn, warm_up, write_atomic
 
-# bench name -> the method's config overrides
-METHODS = {
-    "ar": [], "pld": ["method=pld"], "lade": ["method=lade"], "stand": ["method=stand"],
-    "recycling": ["method=recycling"], "esp": ["method=esp"], "esp_naive": ["method=esp", "method.impl=naive"],
-    "esp_plus": ["method=esp_plus"],
-}
-DEFAULT_METHODS = ["ar", "pld", "lade", "stand", "recycling", "esp", "esp_naive"]  # the paper's methods and rivals
+# every method of conf/method/ (AR included) and ESP's naive layout, the bench's own variant of ESP
+EXTRA = {"esp_naive": ["method=esp", "method.impl=naive"]}
+
+
+def method_overrides(name: str) -> list[str]:
+    return EXTRA[name] if name in EXTRA else [f"method={name}"]
+
+
+def bench_methods(config_dirs=()) -> list[str]:
+    """What `--methods` accepts: every method config (conf/method/ and any extra config folder) + EXTRA."""
+    methods = choices("method", config_dirs)
+    return ["ar"] + [m for m in methods if m != "ar"] + list(EXTRA)
 
 
 def peak_memory_mb(device) -> float:
@@ -76,64 +82,53 @@ def load_times(model_name: str) -> dict:
 
 
 def run_bench(args) -> dict:
-    base = [f"model={args.model}", "task=spec_bench", f"task.per_task={args.per_task}", f"max_new_tokens={args.max_new_tokens}"]
+    base = [*search_path_overrides(args.config_dir), f"model={args.model}", "task=spec_bench",
+            f"task.per_task={args.per_task}", f"max_new_tokens={args.max_new_tokens}"]
     cfg = compose(base)
     loads = load_times(args.model) if args.load_times else {}
     model, tok = load_model(cfg.model)
     device = next(model.parameters()).device
-    prompts = [chat_ids(tok, [{"role": "user", "content": q.turns[0]}], cfg.model.get("thinking"))
-               for q in load_questions(cfg.task)]
+    questions = load_questions(cfg.task)
+    prompts = [chat_ids(tok, [{"role": "user", "content": q.turns[0]}], cfg.model.get("thinking")) for q in questions]
     decoder = Decoder(model, stop_ids(model, tok))
     ar = Drafter()
-
-    def generate(drafter, ids):
-        return decoder.generate(drafter, ids, args.max_new_tokens)
-
-    generate(ar, prompts[0][:64])  # warm-up, untimed (each method is warmed up before its run)
 
     def t_fwd(cache_len: float, n: int) -> float:  # measured right after each run: the run's conditions
         return bare_forward_s(model, int(round(cache_len)), n, args.repeats)
 
-    def drafter_for(method, bc):
-        return ar if method == "ar" else build_drafter(compose(base + METHODS[method] + [f"bc={bc}"]))
+    def job_cfg(method, bc):
+        return compose(base + method_overrides(method) + [f"bc={bc}"])
 
     rows = []
     total = sum(1 if m == "ar" else len(args.bcs) for m in args.methods)
     for method in args.methods:
         for bc in ([1] if method == "ar" else args.bcs):
             print(f"[bench] {len(rows) + 1}/{total} {method} bc={bc}", file=sys.stderr, flush=True)
-            drafter = drafter_for(method, bc)
-            drafter.setup(model)
-            generate(drafter, prompts[0][:64])  # warm-up
-            drafter.setup(model)
+            job = job_cfg(method, bc)
+            drafter = build_drafter(job)
+            warm_up(model, decoder, [ar, drafter], prompts[0])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            gens, ar_gens = [], []
-            for ids in prompts:  # interleaved: AR then the method on each prompt
-                ar_gens.append(generate(ar, ids))
-                gens.append(generate(drafter, ids))
-            ar_wall = sum(g.wall_s for g in ar_gens)
-            wall = sum(g.wall_s for g in gens)
-            calls = sum(g.decode_calls for g in gens)
-            steps_s = sum(g.wall_s - g.prefill_s for g in gens)
-            fed = sum(g.tokens_fed_sum for g in gens) / calls
+            # the job's own turn function: AR then the method on each prompt, interleaved
+            records = [{"question_id": q.question_id, "category": q.category, "task": q.task, "turn": 0}
+                       | run_turn(job, model, decoder, drafter, ar, ids, ids) for q, ids in zip(questions, prompts)]
+            s = summarize(records)
+            calls = s["decode_calls"]
             # mean cache length over the decode steps: prompt + about half of the new tokens
-            cache_len = sum((len(g.prompt_ids) + len(g.new_ids) / 2) * g.decode_calls for g in gens) / calls
-            step, fwd_in_loop = steps_s / calls, sum(g.forward_s for g in gens) / calls
-            ar_call = sum(g.forward_s for g in ar_gens) / sum(g.decode_calls for g in ar_gens)
+            cache_len = sum((r["prompt_tokens"] + r["new_tokens"] / 2) * r["decode_calls"] for r in records) / calls
             t1 = t_fwd(cache_len, 1)
             t_bc = t1 if bc == 1 else t_fwd(cache_len, bc)
-            tau = sum(sum(g.committed_per_step) for g in gens) / calls
             rows.append({
-                "method": method, "bc": bc if method != "ar" else None, "tau": tau,
-                "tokens_per_s": sum(len(g.new_ids) for g in gens) / wall, "speedup": ar_wall / wall,
-                "bound": tau * ar_call / fwd_in_loop, "step_ms": 1e3 * step, "mean_tokens_fed": fed,
-                "model_call_ms": 1e3 * fwd_in_loop, "ar_model_call_ms": 1e3 * ar_call, "loop_overhead": step / fwd_in_loop - 1,
+                "method": method, "bc": bc if method != "ar" else None, "tau": s["tau"],
+                "tokens_per_s": s["tokens_per_s"], "speedup": s["speedup"],
+                "bound": s["tau"] * s["ar_model_call_s"] / s["model_call_s"], "step_ms": 1e3 * s["step_s"],
+                "mean_tokens_fed": s["mean_tokens_per_forward"], "model_call_ms": 1e3 * s["model_call_s"],
+                "ar_model_call_ms": 1e3 * s["ar_model_call_s"], "loop_overhead": s["loop_overhead"],
                 "fwd_1_ms": 1e3 * t1, "fwd_bc_ms": 1e3 * t_bc, "cache_len": cache_len, "decode_calls": calls,
-                "lossless": all(g.new_ids == a.new_ids for g, a in zip(gens, ar_gens)), "peak_mem_mb": peak_memory_mb(device),
+                "lossless": s["lossless"], "peak_mem_mb": peak_memory_mb(device),
             })
     study = speed_study(model, cfg, prompts[0], decoder.eos, args) if args.study else []
-    profile = profile_steps(decoder, drafter_for("esp", 30), prompts[0], args) if args.profile else None
+    profile = profile_steps(decoder, build_drafter(job_cfg("esp", 30)), prompts[0], args) if args.profile else None
     env = environment(model)
     return {"conditions": {
         "command": "python -m experiments.bench" + "".join(f" {a}" for a in args.argv),
@@ -294,7 +289,10 @@ def to_markdown(res: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2_135m")
-    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    ap.add_argument("--config-dir", action="append", default=[], type=Path,
+                    help="an extra config folder (its method/*.yaml join conf/method/), as run.py's --config-dir")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="default: every method of conf/method/ and esp_naive; names as in method=...")
     ap.add_argument("--bcs", nargs="+", type=int, default=[10, 30, 60])
     ap.add_argument("--per-task", type=int, default=1, help="first N questions of each Spec-Bench task")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -307,6 +305,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler breakdown")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    valid = bench_methods(args.config_dir)
+    args.methods = args.methods or valid
+    unknown = [m for m in args.methods if m not in valid]
+    if unknown:
+        ap.error(f"unknown method {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
     res = run_bench(args)
     header = ("# Benchmarks\n\nEvery number below comes from one run of the command in its section; ratios are "
               "measured within that run. On a shared CPU absolute times are noisy: read the ratios.\n\n")

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.tables import METHOD_LABEL, METHOD_ORDER, TASK_ORDER, ok_runs, per_task_tau  # noqa: E402
+from experiments.tables import METHOD_LABEL, TASK_ORDER, methods_in, ok_runs, per_task_tau  # noqa: E402
 
 COMPARISON_GROUPS = ["fig4", "table1", "table6_calls", "bc120"]
 TASK_LABEL = {"mt_bench": "MT-bench", "translation": "translation", "summarization": "summary", "qa": "QA",
@@ -33,17 +33,13 @@ def _offset(i: int, n: int, width: float) -> float:
     return (i - (n - 1) / 2) * width
 
 
-def _methods(df):
-    return [m for m in METHOD_ORDER if m in set(df.method)]
-
-
 def plot_per_task_tau(runs: pd.DataFrame, out: Path) -> list[Path]:
     """Figure 4/5: τ per Spec-Bench task, one bar per method, one panel per bc (per model)."""
     data = per_task_tau(runs, COMPARISON_GROUPS)
     paths = []
     for model, dm in data.groupby("model") if not data.empty else []:
         bcs = sorted(dm.bc.unique())
-        methods = _methods(dm)
+        methods = methods_in(dm)
         fig, axes = plt.subplots(1, len(bcs), figsize=(6.5 * len(bcs), 4.2), sharey=True, squeeze=False)
         x = np.arange(len(TASK_ORDER))
         width = 0.8 / max(1, len(methods))
@@ -68,7 +64,7 @@ def plot_vs_bc(runs: pd.DataFrame, out: Path) -> list[Path]:
     paths = []
     for model, dm in df.groupby("model") if not df.empty else []:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for m in _methods(dm):
+        for m in methods_in(dm):
             d = dm[dm.method == m].sort_values("bc")
             a1.plot(d.bc, d.tau, "o-", label=METHOD_LABEL.get(m, m))
             a2.plot(d.bc, d.speedup, "o-", label=METHOD_LABEL.get(m, m))
@@ -87,7 +83,7 @@ def plot_accept_hist(runs: pd.DataFrame, out: Path) -> list[Path]:
     paths = []
     for (model, bc), d in df.groupby(["model", "bc"]) if not df.empty else []:
         fig, ax = plt.subplots(figsize=(6, 4))
-        methods = _methods(d)
+        methods = methods_in(d)
         width = 0.8 / max(1, len(methods))
         for i, m in enumerate(methods):
             hist = {int(k): v for k, v in d[d.method == m].iloc[-1].accept_hist.items()}
@@ -106,7 +102,7 @@ def plot_call_reduction(runs: pd.DataFrame, out: Path) -> list[Path]:
     paths = []
     for model, dm in df.groupby("model") if not df.empty else []:
         bcs = sorted(dm.bc.unique())
-        methods = _methods(dm)
+        methods = methods_in(dm)
         fig, ax = plt.subplots(figsize=(6, 4))
         x = np.arange(len(bcs))
         width = 0.8 / max(1, len(methods))

@@ -1,4 +1,4 @@
-"""The ESP paper's published numbers (METHODS §5), for side-by-side tables. Cells the paper does not
+"""The ESP paper's published numbers (arXiv 2603.17942: Tables 1-6), for side-by-side tables. Cells the paper does not
 give are absent (shown blank), never invented."""
 
 PAPER_MODEL = {
@@ -23,5 +23,5 @@ TABLE5 = {"mean": {"llama3_2_3b": 1.67, "llama3_8b": 1.71}, "sample": {"llama3_2
           "last_k": {"llama3_2_3b": 1.62, "llama3_8b": 1.67}}
 # Table 4 (speedup at bc 60): impl -> model -> S/R
 TABLE4 = {"naive": {"llama3_2_3b": 0.96, "llama3_8b": 1.07}, "efficient": {"llama3_2_3b": 1.22, "llama3_8b": 1.38}}
-# Table 2: dynamic vs best static at bc 60 (model not stated in METHODS)
+# Table 2: dynamic vs best static at bc 60 (the paper does not state the model)
 TABLE2_BC60 = {"dynamic": 1.630, "best static": 1.631}

@@ -1,7 +1,7 @@
 """Load job outputs (`summary.json`, `records.jsonl`, `error.json`) under a results folder into pandas.
 
-Runs are identified by (experiment group, model, method, bc, method options); when a job was run more
-than once, the newest summary wins. Failed jobs (an `error.json` and no summary) are kept with
+Runs are identified by (experiment group, model, method, bc, sweep arm, every method option: `m_<key>`
+columns); when a job was run more than once, the newest summary wins. Failed jobs (an `error.json` and no summary) are kept with
 status "failed" so tables can say what is missing instead of averaging over it.
 """
 
@@ -15,10 +15,13 @@ import pandas as pd
 SCALARS = ["tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "ar_decode_calls", "call_reduction",
            "new_tokens", "max_tokens_per_forward", "mean_tokens_per_forward", "lossless", "n_prompts", "n_turns",
            "max_new_tokens", "temperature", "task", "loop_overhead"]
-METHOD_OPTIONS = ["k", "widths", "tree", "pruner", "init", "ood_sigmas", "lam", "ema", "impl", "variant"]
+IDENTITY = ("group", "model", "method", "bc", "arm")
+NOT_OPTIONS = ("name", "_target_", "bc", "seed", "temperature", "model_name", "family")  # set from elsewhere in the job
 
 
-def _job_keys(config: dict) -> dict:
+def _job_keys(config: dict, choices: dict | None = None) -> dict:
+    """A job's identity: experiment group, model, method, bc, the sweep arm it ran as, and every method
+    option (`m_<key>`; lists and dicts as JSON text)."""
     method = config.get("method", {})
     row = {
         "group": (config.get("wandb") or {}).get("group"),
@@ -26,11 +29,11 @@ def _job_keys(config: dict) -> dict:
         "method": method.get("name"),
         "bc": config.get("bc"),
         "dtype": config["model"].get("dtype"),
+        "arm": (choices or {}).get("arm"),
     }
-    for key in METHOD_OPTIONS:
-        if key in method:
-            v = method[key]
-            row[f"m_{key}"] = str(v) if isinstance(v, list) else v
+    for key, v in method.items():
+        if key not in NOT_OPTIONS:
+            row[f"m_{key}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
     return row
 
 
@@ -40,7 +43,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     for path in sorted(Path(root).rglob("summary.json")):
         s = json.loads(path.read_text())
         env = s.get("environment", {})
-        rows.append(_job_keys(s["config"]) | {k: s.get(k) for k in SCALARS} | {
+        rows.append(_job_keys(s["config"], s.get("choices")) | {k: s.get(k) for k in SCALARS} | {
             "per_task_tau": s.get("per_task_tau", {}), "accept_hist": s.get("accept_hist", {}),
             "device_name": env.get("device_name"), "torch": env.get("torch"), "transformers": env.get("transformers"),
             "git": env.get("git"), "status": "ok", "dir": str(path.parent), "mtime": path.stat().st_mtime})
@@ -48,18 +51,19 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         if (path.parent / "summary.json").exists():
             continue
         err = json.loads(path.read_text())
-        cfg_file = path.parent / ".hydra" / "config.yaml"
+        cfg_file, hydra_file = path.parent / ".hydra" / "config.yaml", path.parent / ".hydra" / "hydra.yaml"
         keys = {}
         if cfg_file.exists():
             from omegaconf import OmegaConf
 
-            keys = _job_keys(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False))
+            choices = OmegaConf.load(hydra_file).hydra.runtime.choices if hydra_file.exists() else {}
+            keys = _job_keys(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False), dict(choices))
         rows.append(keys | {"status": "failed", "error": err.get("error"), "dir": str(path.parent),
                             "mtime": path.stat().st_mtime})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    ident = [c for c in df.columns if c in ("group", "model", "method", "bc") or c.startswith("m_")]
+    ident = [c for c in df.columns if c in IDENTITY or c.startswith("m_")]
     df = df.sort_values("mtime").drop_duplicates(subset=ident, keep="last", ignore_index=True)
     return df
 
@@ -67,7 +71,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
 def load_records(runs: pd.DataFrame) -> pd.DataFrame:
     """Every turn record of the successful runs, with the run's keys attached."""
     frames = []
-    keys = [c for c in runs.columns if c in ("group", "model", "method", "bc") or c.startswith("m_")]
+    keys = [c for c in runs.columns if c in IDENTITY or c.startswith("m_")]
     for _, run in runs[runs.status == "ok"].iterrows():
         recs = pd.read_json(Path(run["dir"]) / "records.jsonl", lines=True)
         for k in keys:

@@ -7,6 +7,8 @@ the paper has none. Speedups (S/R) are AR time / method time measured in the sam
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from experiments import paper
@@ -24,7 +26,8 @@ def ok_runs(runs: pd.DataFrame, groups: list[str] | None = None) -> pd.DataFrame
     return df[df.group.isin(groups)] if groups is not None else df
 
 
-def _methods(df) -> list[str]:
+def methods_in(df) -> list[str]:
+    """The methods present, in the tables' order; a method the order does not name comes last, by name."""
     present = list(df.method.unique())
     return [m for m in METHOD_ORDER if m in present] + sorted(m for m in present if m not in METHOD_ORDER)
 
@@ -35,7 +38,7 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
     df = ok_runs(runs, ["table1"])
     if df.empty:
         return pd.DataFrame()
-    methods = _methods(df)
+    methods = methods_in(df)
     rows = []
     for (model, bc), g in df.groupby(["model", "bc"], sort=True):
         row = {"source": "ours", "model": model, "bc": bc}
@@ -101,7 +104,7 @@ def table2_dynamic(runs):
 
 def table3_masks(runs):
     return _ablation(runs, "table3_masks", ["m_widths"],
-                     lambda r: paper.TABLE3.get(len(eval(r.m_widths)) if isinstance(r.m_widths, str) else None, {}).get(r.model))
+                     lambda r: paper.TABLE3.get(len(json.loads(r.m_widths)) if isinstance(r.m_widths, str) else None, {}).get(r.model))
 
 
 def table4_impl(runs):
@@ -124,7 +127,14 @@ def table6_calls(runs):
 
 
 def _variant(df) -> pd.Series:
-    return df["m_variant"].fillna("full") if "m_variant" in df else pd.Series("full", index=df.index)
+    """A row's label within its method: from the sweep arm it ran as, less the method's name (esp_plus ->
+    full, esp_plus_no_esp -> no_esp); full when it ran under no arm or an arm of another name."""
+    arms = df["arm"] if "arm" in df else pd.Series(None, index=df.index)
+
+    def label(arm, method):
+        return (arm.removeprefix(method).lstrip("_") or "full") if isinstance(arm, str) and arm.startswith(method) else "full"
+
+    return pd.Series([label(a, m) for a, m in zip(arms, df.method)], index=df.index)
 
 
 def esp_plus_tasks(runs: pd.DataFrame) -> pd.DataFrame:

@@ -1,5 +1,6 @@
-"""ESP — embedding-space probing (METHODS §1): k mask embeddings synthesized from the model's own input
-embeddings ride along every forward; their logits propose the next token tree.
+"""ESP — embedding-space probing ("Efficient Training-Free Multi-Token Prediction via Embedding-Space
+Probing", arXiv 2603.17942): k mask embeddings synthesized from the model's own input embeddings
+(`mtp.masks`) ride along every forward; their logits propose the next token tree.
 
 Block layout per step (T = n (k+1) rows, n = 1 + ΣK_i tree rows):
     [root | node_1 … node_N (BFS) | masks(root) | masks(node_1) | … | masks(node_N)]
@@ -7,6 +8,11 @@ Block layout per step (T = n (k+1) rows, n = 1 + ΣK_i tree rows):
     attend: nodes see ancestors + self; mask j of b sees b's attend-set + masks 1..j of b
 After verification, the masks of the deepest accepted node b were computed on the committed prefix: mask
 j of b sits j slots after b, so its logits propose depth j of the next tree (rooted at the bonus token).
+
+Trees: `static` (the paper's default) puts K_i candidates from mask i under the top-1 candidate of depth
+i - 1, widths fitted to bc (`fit_widths`); `dynamic` is the paper's Algorithm 1 (pools ranked by
+cumulative probability within a budget of bc // (k + 1) tree rows). The pruner skips a candidate equal to
+its parent's token. The paper's defaults: k = 1 mask at bc 10 and 30, 2 at bc 60 (Qwen3: 1), 3 at bc 120.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from __future__ import annotations
 import torch
 
 from mtp.errors import ConfigError
-from mtp.loop import Block, Drafter, Step, tree_layout
+from mtp.loop import Block, Drafter, Layout, Step, tree_layout
+from mtp.masks import MaskEmbeddings
 
-# paper defaults (METHODS §1): bc -> k masks; Llama family uses 2 masks at bc 60, Qwen3 one
+# the paper's defaults: bc -> k masks; Llama family uses 2 masks at bc 60, Qwen3 one
 PAPER_K = {10: 1, 30: 1, 60: 2, 120: 3}
 PAPER_K_QWEN3 = {60: 1}
 # share of a node budget given to each depth when fitting widths: [15,4] of 19, [15,10,4] of 29
@@ -51,7 +58,7 @@ def fit_widths(bc: int, k: int) -> list[int]:
     return widths
 
 
-def esp_layout(parents: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def esp_layout(parents: list[int], k: int, static: bool = False) -> Layout:
     """depth (T,) and block-local attention (T, T) of a tree whose every row carries k masks."""
     tree_depth, tree_allowed = tree_layout(parents)
     n = len(parents)
@@ -66,7 +73,7 @@ def esp_layout(parents: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
             depth[r] = tree_depth[b] + j
             allowed[r, :n] = tree_allowed[b]
             allowed[r, first : r + 1] = True
-    return depth, allowed
+    return Layout(depth, allowed, static)
 
 
 def static_parents(widths: list[int]) -> list[int]:
@@ -88,29 +95,18 @@ class ESP(Drafter):
         widths: list[int] | None = None,  # static [K_1..K_k]; null = fitted to bc
         tree: str = "static",  # static | dynamic (Algorithm 1)
         pruner: bool = True,  # skip a candidate equal to its parent's token
-        init: str = "mean",  # mean | last_k | sample | ood | recent
-        ood_sigmas: float = 5.0,  # ood init: mu + ood_sigmas * sigma
-        lam: float = 0.1,  # EMA rate: m <- m + lam (e_new - m)
-        ema: str = "token",  # token: once per committed token, in order | step: once per step, last token
-        momentum: float = 0.0,  # velocity term: v <- momentum v + lam (e - m); m <- m + v (0 = the paper's EMA)
-        depth_lam: bool = False,  # mask j moves at lam / j (a far mask follows the text more slowly)
-        init_window: int = 16,  # recent init: recency-weighted mean, weights exp(-age / init_window)
         impl: str = "efficient",  # efficient: static layout built once | naive: rebuilt every step
         family: str | None = None,  # model family, for the paper's bc-60 default (qwen3: k=1)
-        seed: int = 0,
+        **mask_options,  # init, lam, ema, momentum, depth_lam, init_window, ood_sigmas, seed: see mtp.masks
     ):
-        for key, val, allowed in (("tree", tree, ("static", "dynamic")), ("init", init, ("mean", "last_k", "sample", "ood", "recent")),
-                                  ("ema", ema, ("token", "step")), ("impl", impl, ("efficient", "naive"))):
+        for key, val, allowed in (("tree", tree, ("static", "dynamic")), ("impl", impl, ("efficient", "naive"))):
             if val not in allowed:
                 raise ConfigError(f"method.{key}={val!r}: expected one of {list(allowed)}")
         if widths is not None and k is not None and len(widths) != k:
             raise ConfigError(f"method.widths={widths} has {len(widths)} depths but method.k={k}")
         self.k = k if k is not None else len(widths) if widths is not None else default_k(bc, family)
-        if self.k < 1:
-            raise ConfigError(f"method.k={self.k}: ESP needs at least one mask")
-        self.bc, self.tree, self.pruner, self.init = bc, tree, pruner, init
-        self.ood_sigmas, self.lam, self.ema, self.impl, self.seed = ood_sigmas, lam, ema, impl, seed
-        self.momentum, self.depth_lam, self.init_window = momentum, depth_lam, init_window
+        self.masks = MaskEmbeddings(self.k, **mask_options)
+        self.bc, self.tree, self.pruner, self.impl = bc, tree, pruner, impl
         if tree == "static":
             self.widths = list(widths) if widths is not None else fit_widths(bc, self.k)
             if min(self.widths) < 1 or (self.k + 1) * (1 + sum(self.widths)) > bc:
@@ -119,7 +115,7 @@ class ESP(Drafter):
                     f"tokens per forward, more than bc={bc}")
             self.min_bc = (self.k + 1) * (1 + sum(self.widths))
             self.parents = static_parents(self.widths)
-            self.layout = esp_layout(self.parents, self.k)  # efficient path: built once, reused every step
+            self.layout = esp_layout(self.parents, self.k, static=True)  # efficient: built once, reused every step
         else:
             self.budget = bc // (self.k + 1)  # B: tree rows (root included), each with k masks
             if self.budget < 2:
@@ -128,56 +124,21 @@ class ESP(Drafter):
 
     # ------------------------------------------------------------------ state
     def setup(self, model) -> None:
-        self.table = model.get_input_embeddings().weight.detach()
-        self.mu = self.table.float().mean(0)
-        self.sigma = self.table.float().std(0)
+        self.masks.setup(model)
 
-    def prefill_probes(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Init the masks (k, H) from the prompt and return them: the prefill is [prompt | m x k]."""
-        k, table = self.k, self.table
-        if self.init == "mean":
-            m = table[torch.tensor(prompt_ids, device=table.device)].float().mean(0).expand(k, -1)
-        elif self.init == "last_k":  # m_i = e_{t-k+i}
-            last = prompt_ids[-k:] if len(prompt_ids) >= k else [prompt_ids[0]] * (k - len(prompt_ids)) + prompt_ids
-            m = table[torch.tensor(last, device=table.device)].float()
-        elif self.init == "recent":  # context-weighted: the latest prompt tokens weigh most
-            ids = torch.tensor(prompt_ids, device=table.device)
-            age = torch.arange(len(prompt_ids) - 1, -1, -1, device=table.device, dtype=torch.float)
-            w = torch.exp(-age / self.init_window)
-            m = ((w[:, None] * table[ids].float()).sum(0) / w.sum()).expand(k, -1)
-        elif self.init == "sample":
-            g = torch.Generator(device=table.device).manual_seed(self.seed)
-            m = (self.mu + self.sigma * torch.randn(self.mu.shape, generator=g, device=table.device)).expand(k, -1)
-        else:  # ood
-            m = (self.mu + self.ood_sigmas * self.sigma).expand(k, -1)
-        self.masks = m.clone()
-        self.velocity = torch.zeros_like(self.masks)
-        return self.masks
+    def start(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Init the masks from the prompt and return them: the prefill is [prompt | m x k]."""
+        return self.masks.start(prompt_ids)
 
     def observe_prefill(self, probe_logits: torch.Tensor, root: int) -> None:
         self.mask_logits = probe_logits  # (k, V): mask j proposes depth j under the first root
-        self._update_masks([root])
+        self.masks.update([root])
 
     def observe(self, step: Step) -> None:
         b = step.path[-1]  # deepest accepted node: its masks saw the committed prefix
         first = step.block.n_tree + b * self.k
         self.mask_logits = step.logits[first : first + self.k]
-        self._update_masks(step.committed)
-
-    def _update_masks(self, committed: list[int]) -> None:
-        """EMA towards committed tokens' embeddings: m <- m + lam (e - m); rejected drafts never enter.
-        With momentum, m moves by a velocity v <- momentum v + lam (e - m); with depth_lam mask j uses lam / j."""
-        tokens = committed if self.ema == "token" else committed[-1:]
-        e = self.table[torch.tensor(tokens, device=self.table.device)].float()
-        lam = self.lam
-        if self.depth_lam:
-            lam = self.lam / torch.arange(1, self.k + 1, device=e.device, dtype=torch.float)[:, None]
-        for row in e:
-            if self.momentum:
-                self.velocity.mul_(self.momentum).add_(lam * (row - self.masks))
-                self.masks += self.velocity
-            else:
-                self.masks += lam * (row - self.masks)
+        self.masks.update(step.committed)
 
     # ------------------------------------------------------------------ proposal
     def propose(self, tokens: list[int]) -> Block:
@@ -185,12 +146,12 @@ class ESP(Drafter):
         if self.tree == "static":
             ids = [root] + self._static_candidates(root)
             parents = self.parents
-            depth, allowed = self.layout if self.impl == "efficient" else esp_layout(parents, self.k)
+            layout = self.layout if self.impl == "efficient" else esp_layout(parents, self.k)
         else:
             ids, parents = self._dynamic_tree(root)
-            depth, allowed = esp_layout(parents, self.k)
-        embeds = self.masks.to(self.table.dtype).repeat(len(parents), 1)  # (n*k, H): k masks per tree row
-        return Block(torch.tensor(ids, dtype=torch.long), parents, depth, allowed, embeds)
+            layout = esp_layout(parents, self.k)
+        embeds = self.masks.rows(len(parents))  # (n*k, H): k masks per tree row
+        return Block(torch.tensor(ids, dtype=torch.long), parents, layout, embeds)
 
     def _ranked(self, width: int) -> list[list[int]]:
         """Top (width + 1) tokens of each mask's logits, best first (one extra for the pruner)."""

@@ -1,9 +1,14 @@
-"""The one decode loop every method runs on (METHODS §0), and the drafter contract.
+"""The one decode loop every method runs on, and the drafter contract.
 
+A generation: `drafter.start(prompt)` (per-generation reset; optional probe rows for the prefill), the
+prefill forward and its first token (`drafter.observe_prefill`), then steps until EOS or the token budget.
 A step: the drafter proposes a `Block` = root (last committed token, not yet cached) + a token tree
-(parent pointers) + optional probe rows; one forward with explicit positions and a 4-D additive mask;
-greedy (or sample-matching) verification; the bonus token; KV compaction to prefix + accepted path;
-the drafter observes the forward. All counters live here and nowhere else.
+(parent pointers) + optional probe rows, with its `Layout` (positions, block-local attention); one
+forward with explicit positions and a 4-D additive mask; verification by the `walk` down the tree
+(greedy, or sample matching / rejection at T > 0); the bonus token; KV compaction to prefix + accepted
+path; `drafter.observe(step)`. All counters live here and nowhere else. This is speculative decoding's
+verification (Leviathan et al., 2023; Chen et al., 2023) with a token tree (SpecInfer, Miao et al., 2024):
+the committed tokens are exactly what greedy decoding (or sampling at the temperature) would produce.
 """
 
 from __future__ import annotations
@@ -18,15 +23,44 @@ import torch
 from mtp.kv import keep_rows, new_cache
 
 
+@dataclass(eq=False)
+class Layout:
+    """Positions and block-local attention of a block's rows; unpacks as `depth, allowed`.
+
+    depth:   (T,) long    position of each row minus the root's position
+    allowed: (T, T) bool  allowed[i, j]: row i attends to row j (the block-local part of the mask; every
+                          row always sees the whole cache)
+    static:  the drafter builds this layout once and hands it out at many steps. The loop then converts
+             it to its additive attention mask once and keeps the result on the layout; a layout that is
+             not static is converted at every step it is used.
+    """
+
+    depth: torch.Tensor
+    allowed: torch.Tensor
+    static: bool = False
+    _additive: torch.Tensor | None = field(default=None, repr=False)
+
+    def __iter__(self):
+        return iter((self.depth, self.allowed))
+
+    def additive(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(T, T): 0 where a row may attend, the dtype's minimum elsewhere (kept when static)."""
+        add = self._additive
+        if add is None or add.dtype != dtype or add.device != device:
+            add = torch.full(self.allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=device)
+            add.masked_fill_(self.allowed.to(device), 0.0)
+            if self.static:
+                self._additive = add
+        return add
+
+
 @dataclass
 class Block:
     """One step's input rows: `ids` (tree rows, root first, then token probe rows), then `embeds`.
 
     ids:     (n_ids,) long   tree rows 0..n_tree-1 (row 0 = root), then probe rows given as tokens
     parents: list[int]       (n_tree,) parent row of each tree row, -1 for the root, parents[i] < i
-    depth:   (T,) long        position of each row minus the root's position
-    allowed: (T, T) bool      allowed[i, j]: row i attends to row j (the block-local part of the mask;
-                              every row always sees the whole cache)
+    layout:  Layout          depth and block-local attention of all T rows (static when built once)
     embeds:  (P, H) or None   probe rows given as input embeddings (ESP's masks), after the id rows
     draft_q: {row: (ids, probs)} or None   for T > 0: the distribution q a tree row's children were drawn
                               from, without replacement, in row order (STAND's Gumbel-Top-K); such
@@ -35,10 +69,17 @@ class Block:
 
     ids: torch.Tensor
     parents: list[int]
-    depth: torch.Tensor
-    allowed: torch.Tensor
+    layout: Layout
     embeds: torch.Tensor | None = None
     draft_q: dict[int, tuple[list[int], list[float]]] | None = None
+
+    @property
+    def depth(self) -> torch.Tensor:
+        return self.layout.depth
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        return self.layout.allowed
 
     @property
     def n_tree(self) -> int:
@@ -68,8 +109,9 @@ class Drafter:
     def setup(self, model) -> None:
         """Once per job, before any prompt (job-level state such as Token Recycling's matrix)."""
 
-    def prefill_probes(self, prompt_ids: list[int]) -> torch.Tensor | None:
-        """Once per generation: optional probe embeddings (P, H) appended to the prefill forward."""
+    def start(self, prompt_ids: list[int]) -> torch.Tensor | None:
+        """Once per generation, before the prefill: reset per-generation state, and return probe rows
+        (P, H) to append to the prefill forward (ESP's masks), or None."""
         return None
 
     def observe_prefill(self, probe_logits: torch.Tensor | None, root: int) -> None:
@@ -84,7 +126,7 @@ class Drafter:
 
 
 # --------------------------------------------------------------------------- block helpers
-def tree_layout(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_layout(parents: list[int], static: bool = False) -> Layout:
     """depth (n,) and ancestor-or-self attention (n, n) of a tree given by parent pointers."""
     n = len(parents)
     allowed = torch.zeros(n, n, dtype=torch.bool)
@@ -95,17 +137,36 @@ def tree_layout(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             allowed[i] = allowed[p]
             depth[i] = depth[p] + 1
         allowed[i, i] = True
-    return depth, allowed
+    return Layout(depth, allowed, static)
 
 
 def tree_block(ids: list[int], parents: list[int]) -> Block:
-    depth, allowed = tree_layout(parents)
-    return Block(torch.tensor(ids, dtype=torch.long), list(parents), depth, allowed)
+    return Block(torch.tensor(ids, dtype=torch.long), list(parents), tree_layout(parents))
 
 
 def chain_block(ids: list[int]) -> Block:
     """A chain root -> ids[1] -> ids[2] ... (the first id is the root)."""
     return tree_block(ids, list(range(-1, len(ids) - 1)))
+
+
+def walk(ids: list[int], parents: list[int], choose) -> tuple[list[int], list[int]]:
+    """The verifier's walk down a token tree (rows `ids`, parent pointers `parents`) from the root.
+
+    At each node, `choose(node, children rows)` returns (the accepted child row or None, the token
+    committed at that node). The walk commits the token and goes on from the accepted child; it ends at
+    the first node with no accepted child, whose token is the bonus. Returns (accepted path of rows, root
+    first; committed tokens)."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents[1:], start=1):
+        children.setdefault(p, []).append(i)
+    node, path, committed = 0, [0], []
+    while True:
+        nxt, y = choose(node, children.get(node, []))
+        committed.append(y)
+        if nxt is None:
+            return path, committed
+        node = nxt
+        path.append(node)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -142,12 +203,10 @@ class Decoder:
         self.embed = model.get_input_embeddings()
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
-        self.neg = torch.finfo(self.dtype).min
         self.eos = set(int(e) for e in ([eos_ids] if isinstance(eos_ids, int) else eos_ids))
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.temperature, self.seed = temperature, seed
         self.generator = torch.Generator(device=self.device)
-        self._local_for, self._local = None, None  # additive form of the last block's `allowed`
 
     def _sync(self):
         sync(self.device)
@@ -167,7 +226,7 @@ class Decoder:
         if not 0 < t <= self.max_positions:
             raise ValueError(f"a prompt of {t} tokens does not fit: the model takes 1 to {self.max_positions} positions")
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        probes = drafter.prefill_probes(prompt_ids)
+        probes = drafter.start(prompt_ids)
         if probes is None:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
         else:  # causal over [prompt | probes], positions 0..t+P-1
@@ -229,11 +288,7 @@ class Decoder:
     def _forward(self, block: Block, cache, cache_len: int) -> tuple[torch.Tensor, float]:
         """One forward of `block` on top of `cache`: logits (T, V) in fp32, and the model call's seconds."""
         T = block.size
-        if block.allowed is not self._local_for:  # a static layout is converted once, not every step
-            local = torch.full((T, T), self.neg, dtype=self.dtype, device=self.device)
-            self._local = local.masked_fill_(block.allowed.to(self.device), 0.0)
-            self._local_for = block.allowed
-        local = self._local
+        local = block.layout.additive(self.dtype, self.device)  # converted once for a static layout
         mask = torch.cat([torch.zeros(T, cache_len, dtype=self.dtype, device=self.device), local], dim=1)
         position_ids = (block.depth.to(self.device) + cache_len)[None]
         ids = block.ids.to(self.device)
@@ -266,23 +321,15 @@ class Decoder:
         """
         n = block.n_tree
         ids = block.ids[:n].tolist()
-        children: dict[int, list[int]] = {}
-        for i, p in enumerate(block.parents[1:], start=1):
-            children.setdefault(p, []).append(i)
         greedy = logits[:n].argmax(-1).tolist() if self.temperature <= 0 else None
-        node, path, committed = 0, [0], []
-        while True:
-            kids = children.get(node, ())
-            if greedy is None and block.draft_q and node in block.draft_q and kids:
-                nxt, y = self._reject_sample(logits[node], block.draft_q[node], [(c, ids[c]) for c in kids])
-            else:
-                y = greedy[node] if greedy is not None else self._pick(logits[node])
-                nxt = next((c for c in kids if ids[c] == y), None)
-            committed.append(y)
-            if nxt is None:
-                return path, committed
-            node = nxt
-            path.append(node)
+        return walk(ids, block.parents, lambda node, kids: self._choose(block, logits, ids, greedy, node, kids))
+
+    def _choose(self, block, logits, ids, greedy, node: int, kids: list[int]) -> tuple[int | None, int]:
+        """At tree row `node` with children `kids`: the accepted child (or None) and the committed token."""
+        if greedy is None and block.draft_q and node in block.draft_q and kids:
+            return self._reject_sample(logits[node], block.draft_q[node], [(c, ids[c]) for c in kids])
+        y = greedy[node] if greedy is not None else self._pick(logits[node])
+        return next((c for c in kids if ids[c] == y), None), y
 
     def _reject_sample(self, logits_row, q_sparse, kids) -> tuple[int | None, int]:
         """Recursive rejection sampling over children drawn from q without replacement (SpecInfer /

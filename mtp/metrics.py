@@ -11,6 +11,15 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 
+def first_mismatch(ids: list[int], ref: list[int]) -> int | None:
+    """The first position where `ids` and `ref` differ, a missing token included; None if identical."""
+    n = min(len(ids), len(ref))
+    pos = next((i for i in range(n) if ids[i] != ref[i]), None)
+    if pos is None and len(ids) != len(ref):
+        pos = n
+    return pos
+
+
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
@@ -44,7 +53,10 @@ def summarize(records: list[dict]) -> dict:
     }
     if all("forward_s" in r for r in records):  # the loop's own cost per decode step, relative to the model call
         fwd = sum(r["forward_s"] for r in records)
-        out["loop_overhead"] = _ratio(wall - sum(r["prefill_s"] for r in records), fwd) - 1 if fwd else None
+        decode = wall - sum(r["prefill_s"] for r in records)
+        out["loop_overhead"] = _ratio(decode, fwd) - 1 if fwd else None
+        out["step_s"] = _ratio(decode, calls)  # per decode step: the model call and the loop's own work
+        out["model_call_s"] = _ratio(fwd, calls)  # per decode step: the model call alone
     if compared:
         ar_calls = sum(r["ar_decode_calls"] for r in records)
         ar_wall = sum(r["ar_wall_s"] for r in records)
@@ -53,6 +65,7 @@ def summarize(records: list[dict]) -> dict:
             "ar_tokens_per_s": _ratio(sum(r["ar_new_tokens"] for r in records), ar_wall),
             "ar_decode_calls": ar_calls,
             "call_reduction": 1 - calls / ar_calls if ar_calls else None,
+            "ar_model_call_s": _ratio(sum(r.get("ar_forward_s", 0.0) for r in records), ar_calls),
             "lossless": all(r["matches_ar"] for r in records),
             "n_mismatches": sum(not r["matches_ar"] for r in records),
         }

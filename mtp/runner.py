@@ -21,7 +21,7 @@ from tqdm import tqdm
 from mtp.data import REPO_ROOT, DataError, load_questions
 from mtp.errors import ConfigError
 from mtp.loop import Decoder, Drafter, Generation
-from mtp.metrics import summarize
+from mtp.metrics import first_mismatch, summarize
 from mtp.models import chat_ids, load_model, stop_ids
 
 
@@ -52,7 +52,18 @@ def build_drafter(cfg) -> Drafter:
     return drafter
 
 
+def git_state() -> dict:
+    """The repository's commit and whether the working tree has uncommitted changes."""
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip())
+    except OSError:
+        git, dirty = "", False
+    return {"git": git or "unknown", "git_dirty": dirty}
+
+
 def environment(model) -> dict:
+    """Where a result was measured: code version, library versions, device, threads, dtype."""
     dev = next(model.parameters()).device
     if dev.type == "cuda":
         device_name = torch.cuda.get_device_name(dev)
@@ -63,16 +74,9 @@ def environment(model) -> dict:
             device_name = cpu[0].split(":", 1)[1].strip() if cpu else device_name
         except OSError:
             pass
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        git, dirty = "", False
     import transformers
 
-    return {
-        "git": git or "unknown",
-        "git_dirty": dirty,
+    return git_state() | {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -86,12 +90,9 @@ def environment(model) -> dict:
 def first_difference(model, prompt_ids: list[int], ids: list[int], ar_ids: list[int]) -> dict | None:
     """First position where a method's output leaves AR's (a length difference counts), with the
     top-2 logit gap of the model at that position (a near-tie shows as a tiny gap)."""
-    n = min(len(ids), len(ar_ids))
-    pos = next((i for i in range(n) if ids[i] != ar_ids[i]), None)
+    pos = first_mismatch(ids, ar_ids)
     if pos is None:
-        if len(ids) == len(ar_ids):
-            return None
-        pos = n
+        return None
     device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(torch.tensor([prompt_ids + ar_ids[:pos]], device=device)).logits[0, -1].float()
@@ -127,6 +128,16 @@ def fingerprint(cfg) -> str:
     conf = OmegaConf.to_container(cfg, resolve=True)
     conf.pop("wandb", None)
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_choices() -> dict:
+    """The config group choices of the running Hydra job (model, method, task, arm, experiment), {} when
+    the job was composed outside Hydra's app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -195,12 +206,10 @@ def run_job(cfg, out_dir: Path) -> dict:
 
     for q in questions:  # fail before generating anything if a first turn cannot fit in the context
         check_fits(decoder, cfg.model.name, q.question_id, 0, prompt([{"role": "user", "content": q.turns[0]}]))
-    if cfg.warmup:  # one short generation of each kind, excluded from timing and records
-        warm = prompt([{"role": "user", "content": questions[0].turns[0]}])
+    if cfg.warmup:
+        warm_up(model, decoder, [ar, drafter], prompt([{"role": "user", "content": questions[0].turns[0]}]))
+    else:
         drafter.setup(model)
-        decoder.generate(ar, warm, 4)
-        decoder.generate(drafter, warm, 4)
-    drafter.setup(model)  # job-level drafter state starts clean after the warm-up
 
     records, committed, calls, lossless = [], 0, 0, True  # running totals for the progress bar
     bar = tqdm(total=n_turns, desc=f"{cfg.model.name} {cfg.method.name} bc={cfg.bc}", unit="turn", file=sys.stderr)
@@ -239,11 +248,21 @@ def run_job(cfg, out_dir: Path) -> dict:
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature,
         "resumed_turns": len(done),
+        "choices": config_choices(),
         "environment": environment(model),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_atomic(summary_file, json.dumps(summary, indent=2))
     return summary
+
+
+def warm_up(model, decoder: Decoder, drafters: list[Drafter], prompt_ids: list[int], max_new_tokens: int = 4) -> None:
+    """One short generation of each drafter, excluded from timing and records; each drafter's job-level
+    state (set up before it) starts clean again afterwards."""
+    for drafter in drafters:
+        drafter.setup(model)
+        decoder.generate(drafter, prompt_ids, max_new_tokens)
+        drafter.setup(model)
 
 
 def check_fits(decoder: Decoder, model: str, question_id, turn: int, ids: list[int]) -> None:

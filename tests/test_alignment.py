@@ -24,9 +24,9 @@ def test_teacher_forced_masks_equal_the_decoders_root_masks(tiny, one_thread, la
             seen[len(self._prompt)] = probe_logits[0].clone()
             super().observe_prefill(probe_logits, root)
 
-        def prefill_probes(self, prompt_ids):
+        def start(self, prompt_ids):
             self._prompt = list(prompt_ids)
-            return super().prefill_probes(prompt_ids)
+            return super().start(prompt_ids)
 
         def propose(self, tokens):
             self._slot = len(tokens)  # the root x_s sits at len(tokens) - 1, its mask one further
@@ -40,7 +40,7 @@ def test_teacher_forced_masks_equal_the_decoders_root_masks(tiny, one_thread, la
     gen = decode(model, drafter, prompts[0], n=N_NEW)
     analysis = ESP(bc=10, lam=lam)
     analysis.setup(model)
-    slots, cos, logits = mask_forward(model, analysis, prompts[0], gen.new_ids)
+    slots, cos, logits = mask_forward(model, analysis.masks, prompts[0], gen.new_ids)
     assert slots == list(range(len(prompts[0]), len(prompts[0]) + N_NEW - 1))
     assert cos.shape == (model.config.num_hidden_layers + 1, len(slots))
     compared = [q for q in seen if q in slots]
@@ -57,13 +57,15 @@ def test_a_mask_equal_to_the_true_token_is_perfectly_aligned(tiny, one_thread):
     drafter.setup(model)
     new = decode(model, ESP(bc=10), prompts[1], n=8).new_ids
 
-    def probe(ids):  # the mask state of slot t is e(x_{t}), the embedding of that slot's true token
-        drafter.masks = drafter.table[new[0]][None].float().clone()
-        return drafter.masks
+    masks = drafter.masks
 
-    drafter.prefill_probes = probe
-    drafter.lam = 0.0  # and it stays there
-    slots, cos, _ = mask_forward(model, drafter, prompts[1], new)
+    def probe(ids):  # the mask state of slot t is e(x_{t}), the embedding of that slot's true token
+        masks.vectors = masks.table[new[0]][None].float().clone()
+        return masks.rows(1)
+
+    masks.start = probe
+    masks.lam = 0.0  # and it stays there
+    slots, cos, _ = mask_forward(model, masks, prompts[1], new)
     torch.testing.assert_close(cos[:, 0], torch.ones(cos.shape[0]), atol=1e-5, rtol=0)
     others = [j for j in range(1, len(slots)) if new[j] != new[0]]  # slots holding another token
     assert others and all(cos[0, j] < 1 - 1e-3 for j in others)
@@ -76,7 +78,7 @@ def test_summary_splits_accepted_and_checks_lemma(tiny, one_thread):
     rows = []
     for ids in prompts:
         new = decode(model, ESP(bc=10), ids, n=N_NEW).new_ids
-        rows.append(align_turn(model, drafter, ids, new, top_k=4))
+        rows.append(align_turn(model, drafter.masks, ids, new, top_k=4))
     s = summarize_alignment(rows, top_k=4)
     assert s["n_slots"] == 3 * (N_NEW - 1) == s["n_accepted"] + s["n_rejected"]
     ranks = [r for row in rows for r in row["rank"]]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.audit import audit, first_mismatch, main
+from experiments.audit import audit, main
+from mtp.metrics import first_mismatch
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import mtp.runner
-from mtp.cli import check_command_line
+from mtp.cli import check_command_line, choices
 from mtp.data import DataError
 from mtp.errors import ConfigError
 from mtp.models import ModelLoadError, load_model
@@ -30,11 +30,12 @@ def cli(*args, env=None):
 
 @pytest.mark.parametrize("arg,message", [
     ("model=llama3_9b", "unknown model 'llama3_9b'; valid: llama3_2_3b, llama3_8b, qwen3_32b, qwen3_8b, smollm2_135m"),
-    ("method=eagle", "unknown method 'eagle'; valid: ar, esp, esp_dynamic, esp_plus, lade, pld, recycling, stand"),
+    ("method=eagle", f"unknown method 'eagle'; valid: {', '.join(choices('method'))}"),
     ("method=pld,eagle", "unknown method 'eagle'"),
     ("task=gsm8k", "unknown task 'gsm8k'; valid: math_reasoning, mt_bench"),
     ("experiment=table9", "unknown experiment 'table9'; valid: bc120, esp_plus_ablation, fig2"),
     ("+esp_tree=bc30_1_1", "unknown esp_tree 'bc30_1_1'"),
+    ("arm=esp_plus_typo", f"unknown arm 'esp_plus_typo'; valid: {', '.join(choices('arm'))}"),
 ])
 def test_unknown_choice_lists_the_valid_ones(arg, message):
     assert message in check_command_line([arg])
@@ -79,6 +80,12 @@ def no_model_load(monkeypatch):
     (["temperature=-0.5"], "temperature=-0.5 must be a number >= 0"),
     (["job=sweep"], "job='sweep': expected decode or alignment"),
     (["method.tree=bushy"], "method.tree='bushy': expected one of ['static', 'dynamic']"),
+    # the mask component validates its options for every method that has masks
+    (["method.init=Mean"], "method.init='Mean': expected one of ['mean', 'last_k', 'sample', 'ood', 'recent']"),
+    (["method=esp_plus", "method.init=Mean"], "method.init='Mean': expected one of ['mean', 'last_k', 'sample', 'ood', 'recent']"),
+    (["method=esp_plus", "method.ema=tokens"], "method.ema='tokens': expected one of ['token', 'step']"),
+    (["method=esp_plus", "method.sources=[recycling]", "method.init=Mean"], "method.init='Mean': expected one of"),
+    (["method=esp_plus", "method.momentum=1.5"], "method.momentum=1.5: expected 0 <= momentum < 1"),
 ])
 def test_bad_settings_before_model_load(tmp_path, no_model_load, overrides, message):
     cfg = compose_cfg(["model=tiny_llama", "task.limit=1", *overrides])

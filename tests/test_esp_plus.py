@@ -125,7 +125,7 @@ def test_rates_follow_what_is_accepted():
         ids = block.ids.tolist()
         path = [0, ids.index(30)]
         logits = torch.zeros(block.size, 50)
-        d.observe(Step(Block(block.ids, block.parents, block.depth, block.allowed), logits, path, [30, 31]))
+        d.observe(Step(Block(block.ids, block.parents, block.layout), logits, path, [30, 31]))
     after = d.rates()
     assert after[d.b_ngram] > before[d.b_ngram] and after[0] < before[0]
 

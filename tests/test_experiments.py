@@ -106,10 +106,10 @@ def test_esp_plus_ablation_sweep_over_arms_to_its_tables(tmp_path):
                         "wandb.mode=disabled", f"hydra.sweep.dir={sweep}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
-    runs = load_runs(sweep).set_index("m_variant", drop=False)
+    runs = load_runs(sweep).set_index("arm", drop=False)
     assert len(runs) == 3 and set(runs.status) == {"ok"}
-    assert pd.isna(runs.loc["no_ngram"].speedup) and runs.loc["no_ngram"].tau > 0  # τ only
-    assert runs.loc["full"].lossless and runs.loc["full"].loop_overhead > 0
+    assert pd.isna(runs.loc["esp_plus_no_ngram"].speedup) and runs.loc["esp_plus_no_ngram"].tau > 0  # τ only
+    assert runs.loc["esp_plus"].lossless and runs.loc["esp_plus"].loop_overhead > 0
     write_report(sweep, tmp_path / "report")
     tasks = (tmp_path / "report" / "esp_plus_tasks.md").read_text()
     assert "| tiny_llama | 30 | Recycling |" in tasks and "| tiny_llama | 30 | ESP+ |" in tasks and "/1 |" in tasks

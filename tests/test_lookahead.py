@@ -4,7 +4,6 @@ and the pool written out by hand, and tau > 1 on a tiny model whose output repea
 
 import functools
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,7 +122,7 @@ def test_block_rows_equal_sequential_chains(tiny, N, W, G, warm):
     gen = torch.Generator().manual_seed(0)
     rand = lambda k: torch.randint(4, V, (k,), generator=gen).tolist()  # noqa: E731
     d = Lookahead(bc=max_tokens(N, W, G), N=N, W=W, G=G)
-    d.prefill_probes(prompt)
+    d.start(prompt)
     if warm:  # fill level 1 of 2: C = W+N-3 columns
         C = W + N - 3
         d.rows = [rand(C - 1), rand(C)]
@@ -180,7 +179,9 @@ def _allowed_rows(block):
 def _step(block, argmaxes):
     """The loop's verification on crafted logits -> the Step the drafter observes."""
     logits = _onehot(argmaxes)
-    path, committed = Decoder._verify(SimpleNamespace(temperature=0.0), block, logits)
+    verifier = Decoder.__new__(Decoder)  # its greedy verification only: no model needed
+    verifier.temperature = 0.0
+    path, committed = verifier._verify(block, logits)
     return Step(block, logits, path, committed)
 
 
@@ -188,7 +189,7 @@ def test_worked_example():
     """N=3, W=3, G=2 (bc 10). Prompt [5, 5, 5] -> row 0 = [5, 5, 5] (W+N-3 = 3 random prompt tokens)."""
     d = Lookahead(bc=10, N=3, W=3, G=2)
     assert d.min_bc == 10  # root + window: 4 (warm-up) / 6 (full); trie <= (N-1)G = 4
-    d.prefill_probes([5, 5, 5])
+    d.start([5, 5, 5])
     d.observe_prefill(None, 1)
     assert d.rows == [[5, 5, 5]] and d.pool == {}
 
@@ -230,7 +231,7 @@ def test_worked_example():
     # the reference's behaviour (full_match_bonus=false): n-grams proposed cut to N-2 = 1 token
     r = Lookahead(bc=10, N=3, W=3, G=2, full_match_bonus=False)
     assert r.min_bc == 6 + 2
-    r.prefill_probes([5, 5, 5])
+    r.start([5, 5, 5])
     r.rows, r.pool = [[4, 6], [8, 9, 8]], {5: [(4, 9), (6, 8)]}
     b = r.propose([5, 5, 5, 1, 2, 5])
     assert b.ids.tolist() == [5, 4, 6, 4, 6, 8, 9, 8] and b.parents == [-1, 0, 0]
@@ -244,7 +245,7 @@ def test_pool_from_prompt_and_lru():
         lru_insert(pool, 0, v, 2)
     assert pool == {0: [(1,), (3,)]}  # (1,) moved to the end, then (2,) was the oldest
     d = Lookahead(bc=10, N=3, W=3, G=2, pool_from_prompt=True)
-    d.prefill_probes([1, 2, 3, 1, 2, 4, 1, 2, 3])
+    d.start([1, 2, 3, 1, 2, 4, 1, 2, 3])
     assert d.pool == {1: [(2, 4), (2, 3)], 2: [(3, 1), (4, 1)], 3: [(1, 2)], 4: [(1, 2)]}
     d.observe_prefill(None, 1)  # the committed token's n-gram (2, 3, 1) joins, as most recent
     assert d.pool[2] == [(4, 1), (3, 1)]
@@ -252,7 +253,7 @@ def test_pool_from_prompt_and_lru():
     assert b.ids.tolist()[:4] == [1, 2, 4, 3] and b.parents == [-1, 0, 1, 1]  # shared prefix 2 fed once
     # the window starts from the seeded random prompt tokens, the same ones every generation
     rows = d.rows
-    d.prefill_probes([1, 2, 3, 1, 2, 4, 1, 2, 3])
+    d.start([1, 2, 3, 1, 2, 4, 1, 2, 3])
     assert d.rows == rows and set(rows[0]) <= {1, 2, 3, 4} and len(rows[0]) == 3 + 3 - 3
 
 

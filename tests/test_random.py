@@ -129,22 +129,10 @@ class GreedyDraftVerifier(Decoder):
     """A deliberately wrong verifier: a child whose token has target probability >= 2% is accepted
     without sampling (a 'plausible draft' shortcut). It skews the distribution towards drafts."""
 
-    def _verify(self, block, logits):
-        n = block.n_tree
-        ids = block.ids[:n].tolist()
-        children = {}
-        for i, p in enumerate(block.parents[1:], start=1):
-            children.setdefault(p, []).append(i)
-        node, path, committed = 0, [0], []
-        while True:
-            probs = torch.softmax(logits[node] / self.temperature, -1)
-            nxt = next((c for c in children.get(node, ()) if probs[ids[c]] >= 0.02), None)
-            y = ids[nxt] if nxt is not None else self._pick(logits[node])
-            committed.append(y)
-            if nxt is None:
-                return path, committed
-            node = nxt
-            path.append(node)
+    def _choose(self, block, logits, ids, greedy, node, kids):
+        probs = torch.softmax(logits[node] / self.temperature, -1)
+        nxt = next((c for c in kids if probs[ids[c]] >= 0.02), None)
+        return nxt, ids[nxt] if nxt is not None else self._pick(logits[node])
 
 
 # LADE and STAND get too few drafts accepted on this tiny model (62 and 8 over 400 samples) for the

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from baselines.fit_stand_tree import main as fit_main
+from experiments.fit_trees import main as fit_main
 from baselines.stand import Stand, bfs_order, check_shape, load_fitted, merge, rule_tree
 from mtp.errors import ConfigError
 from mtp.loop import Drafter
@@ -136,7 +136,7 @@ def test_backoff_4_3_2_and_prompt_seed():
     d.backfill = True
     assert d.children((9, 2, 3), 4)[0] == [30, 40, 41]  # the 3-gram's one entry, then the 2-gram's
     # prompt seed: counts after the logit store of the same order, before shorter logit contexts
-    d.prefill_probes([1, 2, 3, 50, 5, 2, 3, 50, 6, 2, 3, 51])
+    d.start([1, 2, 3, 50, 5, 2, 3, 50, 6, 2, 3, 51])
     assert d.store == {}  # persist=False: a new generation starts with an empty store
     assert d.children((1, 2, 3), 2)[0] == [50, 51]  # 3-gram count (1, 2, 3) -> 50, then 2-gram (2, 3): 50 x2, 51
     d.add((1, 2, 3), [60], [0.5])
@@ -173,7 +173,7 @@ def test_fit_command_on_tiny_model(tmp_path):
                     "--max-new-tokens", "40", "--out", str(out)])
     data = json.loads(out.read_text())
     h = data["header"]
-    assert h["model"] == "tiny_qwen3" and h["made_by"].startswith("python -m baselines.fit_stand_tree")
+    assert h["model"] == "tiny_qwen3" and h["made_by"].startswith("python -m experiments.fit_trees")
     assert h["prompts"]["question_ids"] == [1, 2, 3] and h["date"]  # the last question of each category
     assert sum(data["counts"]) > 0 and data["counts"] == sorted(data["counts"], reverse=True)
     for bc in (10, 17):

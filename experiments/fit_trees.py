@@ -1,13 +1,14 @@
-"""Fit STAND's static draft tree to block complexities, offline, on held-out prompts.
+"""Fit a tree-shaped method's static draft tree to block complexities, offline, on held-out prompts.
+Today the one such method with a fitting procedure is STAND (`baselines/stand.py`).
 
-    python -m baselines.fit_stand_tree model=smollm2_135m --bc 10 30 60
-    python -m baselines.fit_stand_tree model=tiny_llama --bc 10 --prompts my.jsonl --out /tmp/t.json
+    python -m experiments.fit_trees model=smollm2_135m --bc 10 30 60
+    python -m experiments.fit_trees model=tiny_llama --bc 10 --prompts my.jsonl --out /tmp/t.json
 
 Hydra overrides (`model=…`, `model.device=cuda`, `method.persist=true`, …) are composed with
 `method=stand` exactly as a job would; the flags are listed by `--help`.
 
-Procedure (greedy, T = 0): a big tree (`--nodes` 625 rank paths, depth <= `--max-depth` 8, the fallback
-rule of baselines/stand.py at that size) is drafted on held-out prompts — by default the LAST
+Procedure (greedy, T = 0): a big tree (`--nodes` 625 rank paths, depth <= `--max-depth` 8, STAND's
+fallback rule at that size) is drafted on held-out prompts — by default the LAST
 `--per-category` question(s) of each Spec-Bench category, first turn only (the default job and
 `task.per_category=N` evaluate the first ones; a full `task=spec_bench` run overlaps them: pass another file
 with `--prompts`). Every node's count = how often it lay on the accepted path; the nodes sorted by count
@@ -34,24 +35,21 @@ import argparse
 import datetime as dt
 import json
 import shlex
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from baselines.stand import RULE_PRIOR, TREES_DIR, Stand, bfs_order, rule_tree
+from mtp.cli import compose
 from mtp.data import REPO_ROOT, read_questions, resolve_path
 from mtp.errors import ConfigError
-from mtp.loop import Decoder, Drafter, Step
+from mtp.loop import Decoder, Drafter, Step, walk
 from mtp.models import chat_ids, load_model, stop_ids
-
-CONF = str(REPO_ROOT / "conf")
+from mtp.runner import environment
 
 
 class _Recorder(Drafter):
@@ -75,6 +73,22 @@ class _Counting(Stand):
         super().observe(step)
 
 
+def walk_continuation(ids: list[int], parents: list[int], continuation: list[int]) -> list[int]:
+    """The rows a greedy verifier accepts in the tree (ids, parents) when the model's greedy output from
+    the root on is `continuation`: the loop's own walk, with the continuation's token at each depth."""
+    depth = [0] * len(parents)
+    for i, p in enumerate(parents[1:], start=1):
+        depth[i] = depth[p] + 1
+
+    def choose(node, kids):
+        if depth[node] >= len(continuation):
+            return None, None
+        y = continuation[depth[node]]
+        return next((c for c in kids if ids[c] == y), None), y
+
+    return walk(ids, parents, choose)[0]
+
+
 def held_out(path, per_category: int):
     """The last `per_category` questions of each category, in file order."""
     qs = read_questions(resolve_path(path))
@@ -86,7 +100,7 @@ def held_out(path, per_category: int):
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(prog="python -m baselines.fit_stand_tree", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.fit_trees", description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="hydra overrides, e.g. model=smollm2_135m method.persist=true")
     ap.add_argument("--bc", type=int, nargs="+", default=[10, 30, 60], help="block complexities to fit")
     ap.add_argument("--prompts", default=None, help="Spec-Bench-format JSONL (default: Spec-Bench)")
@@ -108,8 +122,7 @@ def main(argv=None) -> dict:
         raise ConfigError(f"--nodes {args.nodes} is smaller than the largest tree asked for ({max(args.bc) - 1} nodes)")
     if min(args.bc) < Stand.min_bc:
         raise ConfigError(f"--bc {min(args.bc)}: STAND needs bc >= {Stand.min_bc}")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=stand", *args.overrides])
+    cfg = compose(["method=stand", *args.overrides])
     params = OmegaConf.to_container(cfg.method, resolve=True)
     for key in ("name", "_target_", "bc", "tree", "temperature", "gumbel"):
         params.pop(key, None)
@@ -133,23 +146,18 @@ def main(argv=None) -> dict:
         rec = _Recorder(stand)
         new = decoder.generate(rec, ids, args.max_new_tokens).new_ids
         n_tokens += len(new)
-        stand.prefill_probes(ids)
+        stand.start(ids)
         seq = list(ids) + new[:1]
         for t, (top_ids, top_p) in enumerate(rec.rows):  # rows[t]: next-token distribution after new[t]
             hist = tuple(seq[-stand.max_n :])
             d_ids, d_parents, d_rows, _ = stand.draft(hist)
-            children = defaultdict(list)
-            for r, par in enumerate(d_parents[1:], start=1):
-                children[par].append(r)
-            node = 0
-            for y in new[t + 1 :]:  # walk the greedy continuation through the tree
-                node = next((c for c in children[node] if d_ids[c] == y), None)
-                if node is None:
-                    break
+            path = walk_continuation(d_ids, d_parents, new[t + 1 :])
+            for node in path[1:]:
                 stand.counts[d_rows[node]] += 1
             stand.steps += 1
             stand.add(hist, top_ids, top_p)
             seq.append(new[t + 1])
+    env = environment(model)
     del model
 
     ranking = sorted(big, key=lambda p: (-stand.counts[p], prior_rank[p]))
@@ -158,17 +166,12 @@ def main(argv=None) -> dict:
     steps = max(stand.steps, 1)
     est_tau = {str(bc): round(1 + sum(counts[: bc - 1]) / steps, 4) for bc in args.bc}
     runtime = time.perf_counter() - t0
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        git = "unknown"
-    import transformers
-
+    prompts_file = resolve_path(args.prompts)
     header = {
-        "made_by": "python -m baselines.fit_stand_tree " + " ".join(shlex.quote(a) for a in argv),
+        "made_by": "python -m experiments.fit_trees " + " ".join(shlex.quote(a) for a in argv),
         "model": cfg.model.name,
         "prompts": {
-            "file": str(resolve_path(args.prompts)),
+            "file": _portable(prompts_file),
             "selection": f"last {args.per_category} per category, first turn" + (f", first {args.limit}" if args.limit else ""),
             "question_ids": [q.question_id for q in questions],
         },
@@ -181,19 +184,25 @@ def main(argv=None) -> dict:
         "positions" if args.mode == "replay" else "steps": stand.steps,
         "new_tokens": n_tokens,
         "runtime_s": round(runtime, 1),
-        "git": git or "unknown",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(cfg.model.device),
-        "dtype": str(cfg.model.dtype),
+        "environment": env,
     }
     out = Path(args.out) if args.out else TREES_DIR / f"{cfg.model.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_dump({"header": header, "est_tau": est_tau, "trees": trees,
                           "ranking": [list(p) for p in ranking], "counts": counts}))
-    print(f"[fit_stand_tree] {cfg.model.name}: {len(questions)} prompts, {n_tokens} tokens, {stand.steps} "
+    print(f"[fit_trees] {cfg.model.name}: {len(questions)} prompts, {n_tokens} tokens, {stand.steps} "
           f"{'positions' if args.mode == 'replay' else 'steps'}, est. tau {est_tau}, {runtime:.0f} s -> {out}")
     return {"out": out, "header": header, "trees": trees, "ranking": ranking, "counts": counts, "est_tau": est_tau}
+
+
+def _portable(path: Path) -> str:
+    """A prompt file's name as the project knows it: relative to the repository (or its parent, where
+    shared/ lies), never a machine's absolute path."""
+    path = Path(path).resolve()
+    for base in (REPO_ROOT, REPO_ROOT.parent):
+        if path.is_relative_to(base):
+            return str(path.relative_to(base)) if base == REPO_ROOT else "../" + str(path.relative_to(base))
+    return path.name
 
 
 def _dump(data: dict) -> str:
