@@ -26,9 +26,13 @@ observe(), once the window is full (f = N-2, C = W):
   window is simply reused one slot later; any choice is lossless (verification is exact), this one is
   the reference code's.
 Warm-up (reference): row 0 starts as W+N-3 tokens drawn from the prompt (random.Random(seed), reseeded
-per generation), i.e. C = W+N-2 columns. Each of the first N-2 steps drops column 0 of every row
-and appends the new row (without its column-0 entry): after N-2 steps, row 0 has W-1 tokens and rows
-1..N-2 have W each. No pool updates during warm-up.
+per generation), i.e. C = W+N-2 columns. The prefill carries row 0 after the prompt, as the reference's
+first forward does (the prompt's last token plays the root: row 0 column c sits at position t - 1 + c, a
+causal chain, so the loop's causal [prompt | probe rows] prefill is exactly that layout); its logits give
+row 1. The prefill and each of the first N-3 steps drop column 0 of every row and append the new row
+(without its column-0 entry): the window is full (fill level N-2: row 0 has W-1 tokens and rows 1..N-2 W
+each) from decode step N-2 on, so the fill levels of the decode steps are 1, 2, …, N-2, N-2, … No pool
+updates during warm-up.
 
 Tokens per forward = 1 + |trie| + window rows, window rows = (C-1) + f*C at fill level f (C = W+N-2-f):
     1 + window = (f+1)(W+N-2-f)  -> (N-1)W once full;   |trie| <= (N-1)G  (<= (N-2)G, flag off below)
@@ -165,6 +169,7 @@ class Lookahead(Drafter):
                 f"Lookahead (N, W, G) = ({self.N}, {self.W}, {self.G}) feeds up to {self.min_bc} tokens per forward, "
                 f"more than bc={bc}")
         self.draft_len = self.N - 1 if full_match_bonus else self.N - 2  # tokens proposed per n-gram
+        self.embed = None  # the model's input embeddings (setup): the window's row 0 rides along the prefill
         self._layouts: dict = {}
         self.rows: list[list[int]] = []
         self.pool: dict[int, list[tuple]] = {}
@@ -180,7 +185,12 @@ class Lookahead(Drafter):
         """Window columns C (column 0 of row 0 is the root)."""
         return len(self.rows[0]) + 1
 
-    def start(self, prompt_ids: list[int]) -> None:
+    def setup(self, model) -> None:
+        self.embed = model.get_input_embeddings()
+
+    def start(self, prompt_ids: list[int]) -> torch.Tensor | None:
+        """A new window (row 0 from the prompt) and pool; row 0's embeddings, for the prefill to carry
+        (none without a model, as in unit tests of the window alone)."""
         rng = random.Random(self.seed)
         self.rows = [[rng.choice(prompt_ids) for _ in range(self.W + self.N - 3)]]
         self.pool = {}
@@ -188,10 +198,18 @@ class Lookahead(Drafter):
         if self.pool_from_prompt:
             for k in range(self.N - 1, len(self.text)):
                 self._add_text_ngram(k)
-        return None
+        if self.embed is None or self.N <= 2:  # N = 2: the window is full at row 0 alone, nothing to warm up
+            return None
+        return self.embed(torch.tensor(self.rows[0], device=self.embed.weight.device))
 
     def observe_prefill(self, probe_logits, root: int) -> None:
+        if probe_logits is not None:  # row 0 rode along the prefill: its argmaxes are row 1 (a warm-up step)
+            self._advance([None] + probe_logits.argmax(-1).tolist())
         self._commit([root])
+
+    def _advance(self, new: list[int]) -> None:
+        """A warm-up step: every row loses column 0, the new row joins without its column 0."""
+        self.rows = [row[1:] for row in self.rows] + [new[1:]]
 
     def _commit(self, committed: list[int]) -> None:
         for tok in committed:
@@ -240,8 +258,8 @@ class Lookahead(Drafter):
         # the deepest window row of every column (column 0 of a lone row 0 is the root itself)
         last = [0 if f == 0 and i == 0 else n + f * C + i - 1 for i in range(C)]
         new = step.logits[last].argmax(-1).tolist()
-        if f < self.N - 2:  # warm-up: every row loses column 0, the new row joins without it
-            self.rows = [row[1:] for row in self.rows] + [new[1:]]
+        if f < self.N - 2:
+            self._advance(new)
         else:
             root, G = int(step.block.ids[0]), self.G
             for i in range(C):

@@ -7,17 +7,23 @@ by gathers, depth by depth: node (r1, r2, …) = adj[adj[root, r1], r2]…; afte
 row's top-8 overwrites its token's row (`mtp.drafting.recycle`). The matrix persists across the prompts
 of a job (hot start) unless `reset_per_prompt`.
 
-Trees: the published 80-draft template (bc 81); for bc 10 and 30 small hand-made trees in the template's
-image (a rank-0 spine with the first ranks widest; not calibrated); for any other bc the template's
-bc - 1 nodes of highest prior score Π_d RANK_PRIOR[r_d] (a parent always outscores its child, so the kept
-set is prefix-closed).
+Trees (`tree`): `auto` (default) = the tree fitted for the model by `python -m experiments.fit_trees`
+(conf/trees/recycling/<model>.json), the paper's own recipe for a budget it gives no tree for: run a large
+template (the published 80-node tree widened by `fitting_template`) on the calib prompts, count how often
+each node lies on the accepted path, keep the bc - 1 nodes of highest count (prefix-closed). Without a
+fitted file (a warning names the fit command), and with `tree=rule`, the rule trees: the published
+80-draft template at bc >= 81; small hand-made trees in the template's image at bc 10 and 30 (a rank-0
+spine with the first ranks widest; not calibrated); for any other bc the template's bc - 1 nodes of
+highest prior score Π_d RANK_PRIOR[r_d] (a parent always outscores its child: prefix-closed).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mtp.drafting import RANK_PRIOR, bfs_order, check_rank_tree, new_successor_matrix, rank_tree_parents, recycle
+from mtp.drafting import (RANK_PRIOR, SUCCESSORS, bfs_order, check_rank_tree, draft_tree, new_successor_matrix,
+                          rank_tree_parents, recycle)
+from mtp.errors import ConfigError
 from mtp.loop import Block, Drafter, Step, tree_layout
 
 
@@ -49,20 +55,34 @@ FALLBACK = {
 }
 
 
+def prior_score(path) -> float:
+    s = 1.0
+    for r in path:
+        s *= RANK_PRIOR[r]
+    return s
+
+
+def fitting_template(n: int) -> list[tuple[int, ...]]:
+    """The large tree the fit runs: the published 80-node template, widened to n nodes by the rank paths of
+    highest prior score (best-first from the template's frontier, so the set stays prefix-closed), BFS order."""
+    have = set(TEMPLATE_80)
+    frontier = {p + (r,) for p in [()] + TEMPLATE_80 for r in range(SUCCESSORS)} - have
+    while len(have) < n and frontier:
+        best = max(frontier, key=lambda p: (prior_score(p), -len(p), [-r for r in p]))
+        have.add(best)
+        frontier.remove(best)
+        frontier |= {best + (r,) for r in range(SUCCESSORS)} - have
+    return bfs_order(have)
+
+
 def tree_for_bc(bc: int) -> list[tuple[int, ...]]:
-    """Rank paths of bc - 1 drafts (or the whole template when bc >= 81), in BFS order."""
+    """The rule tree: rank paths of bc - 1 drafts (or the whole template when bc >= 81), in BFS order."""
     if bc in FALLBACK:
         paths = FALLBACK[bc]
     elif bc - 1 >= len(TEMPLATE_80):
         paths = TEMPLATE_80
     else:
-        def score(p):
-            s = 1.0
-            for r in p:
-                s *= RANK_PRIOR[r]
-            return s
-
-        paths = sorted(TEMPLATE_80, key=lambda p: (-score(p), len(p), p))[: bc - 1]
+        paths = sorted(TEMPLATE_80, key=lambda p: (-prior_score(p), len(p), p))[: bc - 1]
     return bfs_order(paths)
 
 
@@ -70,10 +90,14 @@ class TokenRecycling(Drafter):
     name = "recycling"
     min_bc = 2
 
-    def __init__(self, bc: int, reset_per_prompt: bool = False):
+    def __init__(self, bc: int, reset_per_prompt: bool = False, tree="auto", model_name: str | None = None):
         self.reset_per_prompt = reset_per_prompt
-        self.paths = tree_for_bc(bc)
+        paths, self.tree_source = draft_tree("recycling", tree, bc, model_name, tree_for_bc)
+        self.paths = bfs_order(paths)
         check_rank_tree(self.paths, "Token Recycling")
+        if len(self.paths) > bc - 1 or max(p[-1] for p in self.paths) >= SUCCESSORS:
+            raise ConfigError(f"Token Recycling tree of {len(self.paths)} nodes, ranks < {SUCCESSORS}, must fit bc={bc} "
+                              f"(at most bc - 1 = {bc - 1} nodes)")
         self.parents = rank_tree_parents(self.paths)
         self.layout = tree_layout(self.parents, static=True)  # built once, handed out every step
         row = {(): 0} | {p: i + 1 for i, p in enumerate(self.paths)}

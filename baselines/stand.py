@@ -24,10 +24,10 @@ generation) or by plain top-K of the weights. With `backfill` (default) slots a 
 fill are filled from the next sources in the same order, without repeats. A shape node whose rank has no
 candidate is dropped together with its subtree, so a step feeds at most 1 + (bc - 1) tokens.
 
-Tree shapes (`tree`): `auto` = the fitted tree for (model_name, bc) from conf/method/stand_trees/<model>.json
-(written by `python -m experiments.fit_trees`; a file's `trees[bc]`, else the first bc - 1 nodes of its
-`ranking`, which is nested and prefix-closed), and the rule below when no file exists; `rule` = always the
-rule; or a path to such a JSON file.
+Tree shapes (`tree`): `auto` = the fitted tree for (model_name, bc) from conf/trees/stand/<model>.json
+(written by `python -m experiments.fit_trees` on the calib prompts; a file's `trees[bc]`, else the first
+bc - 1 nodes of its `ranking`, which is nested, prefix-closed and gap-free in rank), and the rule below,
+with a warning, when no file exists; `rule` = always the rule; or a path to such a JSON file.
 Fallback rule: the bc - 1 rank paths of highest prior score Π_d A[r_d] with A[0] = 0.5, A[r] = 0.25·0.6^(r-1)
 (r = 1..9), found best-first (ties: shallower, then lexicographic). A child always scores below its parent
 and rank r+1 below rank r, so the set is prefix- and sibling-closed: a deep rank-0 chain widening towards
@@ -36,9 +36,11 @@ Recycling's published 80-node tree (8/21/25/15/8/3).
 
 Sampling (T > 0): with Gumbel children and `rejection` (default), each node's children are ONE
 Gumbel-Top-K draw (without replacement) from one distribution q (the longest-context source; no
-backfill), and the block carries q per parent row (`Block.draft_q`): the loop verifies those children by
-recursive rejection sampling (accept c_i w.p. min(1, r/q_i), residual r <- norm(max(r - q_i, 0))), which
-keeps the target distribution exactly (tests/test_stand.py checks it statistically). With `rejection=false`
+backfill), and the block carries that draw with q per parent row (`Block.draws`): the loop verifies the
+draws by recursive rejection sampling (accept c_i w.p. min(1, r/q_i), residual r <- norm(max(r - q_i, 0))),
+which keeps the target distribution exactly (tests/test_stand.py checks it statistically). Every draw is
+verified in draw order, also one the tree has no row for; tree shapes are gap-free in rank under every
+parent anyway (`check_shape`), so no draw is wasted. With `rejection=false`
 or plain top-K, drafts are deterministic given the store and the loop's sample-matching verifier applies,
 which reproduces AR's sampled ids exactly.
 """
@@ -46,24 +48,27 @@ which reproduces AR's sampled ids exactly.
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import random
-from pathlib import Path
 
 import torch
 
-from mtp.drafting import RankPath, bfs_order, check_rank_tree, rank_tree_parents
+from mtp.drafting import RankPath, bfs_order, check_rank_tree, draft_tree, rank_tree_parents
 from mtp.errors import ConfigError
-from mtp.loop import Block, Drafter, Step, tree_layout
+from mtp.loop import Block, Drafter, Draws, Step, tree_layout
 
-TREES_DIR = Path(__file__).resolve().parent.parent / "conf" / "method" / "stand_trees"
 RULE_PRIOR = [0.5] + [0.25 * 0.6 ** (r - 1) for r in range(1, 10)]  # rough P(rank r child accepted | parent)
 
 
 # --------------------------------------------------------------------------- tree shapes
 def check_shape(paths: list[RankPath]) -> None:
+    """Rank paths prefix-closed, and gap-free in rank under every parent (rank r only with ranks 0..r-1):
+    a node's children are draws 1..K of one Gumbel-Top-K draw, so a missing rank would be a wasted draw."""
     check_rank_tree(paths, "STAND")
+    have = set(paths)
+    for p in paths:
+        if p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in have:
+            raise ConfigError(f"STAND tree has a gap in rank: {list(p)} without {list(p[:-1] + (p[-1] - 1,))}")
 
 
 def rule_tree(n: int, prior: list[float] = RULE_PRIOR, max_depth: int | None = None) -> list[RankPath]:
@@ -85,22 +90,6 @@ def rule_tree(n: int, prior: list[float] = RULE_PRIOR, max_depth: int | None = N
         for c in nxt:
             heapq.heappush(heap, (-score(c), len(c), c))
     return out
-
-
-def load_fitted(path: Path, bc: int) -> list[RankPath] | None:
-    """bc - 1 rank paths from a fitted-tree file: `trees[bc]` if present, else the first bc - 1 of `ranking`."""
-    data = json.loads(Path(path).read_text())
-    if str(bc) in data.get("trees", {}):
-        return [tuple(p) for p in data["trees"][str(bc)]]
-    ranking = [tuple(p) for p in data.get("ranking", [])]
-    return ranking[: bc - 1] if ranking else None
-
-
-def fitted_path(model_name: str | None) -> Path | None:
-    if not model_name:
-        return None
-    p = TREES_DIR / f"{model_name}.json"
-    return p if p.is_file() else None
 
 
 # --------------------------------------------------------------------------- the store
@@ -133,7 +122,7 @@ class Stand(Drafter):
         backfill: bool = True,  # fill missing children from the next (shorter) sources
         gumbel: bool | None = None,  # Gumbel-Top-K children; None = on iff temperature > 0
         temperature: float = 0.0,  # the decode temperature (store temperature and gumbel=None)
-        model_name: str | None = None,  # finds conf/method/stand_trees/<model_name>.json
+        model_name: str | None = None,  # finds conf/trees/stand/<model_name>.json
         rejection: bool = True,  # T > 0 with Gumbel: children drawn from one q, verified by recursive rejection
         seed: int = 0,
     ):
@@ -151,25 +140,11 @@ class Stand(Drafter):
         self.store_temperature = self.temperature if self.temperature > 0 else 1.0
         # speculative sampling proper: every child set is a draw without replacement from one q (no backfill)
         self.rejection = bool(rejection) and self.gumbel and self.temperature > 0
+        self.random_drafts = self.rejection
         budget = bc - 1
 
-        if isinstance(tree, (list, tuple)):
-            paths, self.tree_source = [tuple(p) for p in tree], "given"
-        elif tree == "rule":
-            paths, self.tree_source = rule_tree(budget, RULE_PRIOR[:top_n]), "rule"
-        elif tree == "auto":
-            f = fitted_path(model_name)
-            paths = load_fitted(f, bc) if f is not None else None
-            self.tree_source = f"fitted:{f.name}" if paths else "rule"
-            if not paths:
-                paths = rule_tree(budget, RULE_PRIOR[:top_n])
-        else:
-            f = Path(tree)
-            if not f.is_file():
-                raise ConfigError(f"method.tree={tree!r}: expected auto | rule | a fitted-tree JSON file")
-            paths, self.tree_source = load_fitted(f, bc), f"fitted:{f}"
-            if not paths:
-                raise ConfigError(f"{f}: no tree for bc={bc} and no ranking")
+        paths, self.tree_source = draft_tree("stand", tree, bc, model_name,
+                                             lambda bc: rule_tree(bc - 1, RULE_PRIOR[:top_n]))
         paths = bfs_order(paths)
         if not paths:
             raise ConfigError("STAND tree is empty: give at least one rank path, e.g. [[0]]")
@@ -264,9 +239,9 @@ class Stand(Drafter):
                 out.append(([t for t, _ in best], [float(c[0]) for _, c in best]))
         return out
 
-    def children(self, context: tuple[int, ...], k: int) -> tuple[list[int], tuple[list[int], list[float]] | None]:
-        """k distinct next tokens after `context` (fewer if the store has fewer), and the q they were
-        drawn from when they are one Gumbel-Top-K draw of a single distribution (rejection mode)."""
+    def children(self, context: tuple[int, ...], k: int) -> tuple[list[int], Draws | None]:
+        """k distinct next tokens after `context` (fewer if the store has fewer), and, when they are one
+        Gumbel-Top-K draw of a single distribution (rejection mode), that draw with its q."""
         chosen: list[int] = []
         srcs = self.sources(context)
         if self.rejection:
@@ -284,26 +259,26 @@ class Stand(Drafter):
         if self.rejection and srcs:
             ids, w = srcs[0]
             total = sum(w)
-            return chosen, (list(ids), [x / total for x in w])
+            return chosen, Draws(list(ids), [x / total for x in w], list(chosen))
         return chosen, None
 
     def draft(self, hist: tuple[int, ...]):
-        """Tree rows (ids, parents, rank path of each row) rooted at hist[-1], and {row: q} (rejection mode)."""
+        """Tree rows (ids, parents, rank path of each row) rooted at hist[-1], and {row: Draws} (rejection mode)."""
         ids, parents, rows = [hist[-1]], [-1], [()]
         seqs = [tuple(hist[-self.max_n :])]
         row_of = {-1: 0}
         cands: dict[int, list[int]] = {}
-        draft_q: dict[int, tuple[list[int], list[float]]] = {}
+        draws: dict[int, Draws] = {}
         for i, (par, r) in enumerate(zip(self.node_parent, self.node_rank)):
             prow = row_of.get(par)
             if prow is None:
                 continue
             c = cands.get(prow)
             if c is None:
-                c, q = self.children(seqs[prow], self.n_children[par + 1])
+                c, drawn = self.children(seqs[prow], self.n_children[par + 1])
                 cands[prow] = c
-                if q is not None:
-                    draft_q[prow] = q
+                if drawn is not None:
+                    draws[prow] = drawn
             if r >= len(c):
                 continue
             row_of[i] = len(ids)
@@ -311,10 +286,10 @@ class Stand(Drafter):
             parents.append(prow)
             rows.append(self.paths[i])
             seqs.append((seqs[prow] + (c[r],))[-self.max_n :])
-        return ids, parents, rows, draft_q
+        return ids, parents, rows, draws
 
     def propose(self, tokens: list[int]) -> Block:
         self._hist = tuple(tokens[-self.max_n :])
-        ids, parents, self.row_paths, draft_q = self.draft(self._hist)
+        ids, parents, self.row_paths, draws = self.draft(self._hist)
         layout = self.full_layout if len(ids) == len(self.paths) + 1 else tree_layout(parents)  # whole shape: reuse
-        return Block(torch.tensor(ids, dtype=torch.long), parents, layout, draft_q=draft_q or None)
+        return Block(torch.tensor(ids, dtype=torch.long), parents, layout, draws=draws or None)

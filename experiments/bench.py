@@ -38,7 +38,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtp.cli import choices, compose, search_path_overrides
-from mtp.data import load_questions
+from mtp.data import load_questions, warmup_question
 from mtp.loop import Decoder, Drafter, bare_forward_s, sync
 from mtp.metrics import summarize
 from mtp.models import chat_ids, load_model, stop_ids
@@ -92,6 +92,7 @@ def run_bench(args) -> dict:
     prompts = [chat_ids(tok, [{"role": "user", "content": q.turns[0]}], cfg.model.get("thinking")) for q in questions]
     decoder = Decoder(model, stop_ids(model, tok))
     ar = Drafter()
+    warm = chat_ids(tok, [{"role": "user", "content": warmup_question(cfg.task).turns[0]}], cfg.model.get("thinking"))
 
     def t_fwd(cache_len: float, n: int) -> float:  # measured right after each run: the run's conditions
         return bare_forward_s(model, int(round(cache_len)), n, args.repeats)
@@ -106,7 +107,8 @@ def run_bench(args) -> dict:
             print(f"[bench] {len(rows) + 1}/{total} {method} bc={bc}", file=sys.stderr, flush=True)
             job = job_cfg(method, bc)
             drafter = build_drafter(job)
-            warm_up(model, decoder, [ar, drafter], prompts[0])
+            drafter.setup(model)
+            warm_up(decoder, [ar, drafter], warm, job.warmup_tokens)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             # the job's own turn function: AR then the method on each prompt, interleaved

@@ -14,7 +14,7 @@ import pandas as pd
 
 SCALARS = ["tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "ar_decode_calls", "call_reduction",
            "new_tokens", "max_tokens_per_forward", "mean_tokens_per_forward", "lossless", "n_prompts", "n_turns",
-           "max_new_tokens", "temperature", "task", "loop_overhead"]
+           "max_new_tokens", "temperature", "task", "loop_overhead", "split", "draft_tree"]
 IDENTITY = ("group", "model", "method", "bc", "arm")
 NOT_OPTIONS = ("name", "_target_", "bc", "seed", "temperature", "model_name", "family")  # set from elsewhere in the job
 

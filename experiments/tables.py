@@ -213,6 +213,12 @@ def conditions(runs: pd.DataFrame) -> str:
             f"prompts per job: {vals('n_prompts')}; max new tokens: {vals('max_new_tokens')}; "
             f"temperature: {vals('temperature')}; torch {vals('torch')}, transformers {vals('transformers')}; "
             "git " + ", ".join(sorted({str(g)[:7] for g in ok.git.dropna()})))
+    if "split" in ok:
+        line += "; split: " + vals("split")
+    if "draft_tree" in ok and (ok.draft_tree == "rule").any():
+        rule = ok[ok.draft_tree == "rule"]
+        line += ("; rule tree (unfitted), no fitted tree for the model (python -m experiments.fit_trees): "
+                 + ", ".join(sorted({f"{r.model}/{r.method}/bc{r.bc}" for r in rule.itertuples()})))
     failed = runs[runs.status == "failed"]
     if len(failed):
         line += "; FAILED (not in the numbers): " + "; ".join(f"{d} ({e})" for d, e in zip(failed.dir, failed.error))

@@ -2,6 +2,11 @@
 
 The default file is `../shared/data/spec_bench/question.jsonl` beside the repository (never copied into
 it); without it, the upstream Spec-Bench file is fetched once from `SPEC_BENCH_URL` and cached.
+
+**Splits.** The last `CALIB_PER_CATEGORY` (2) questions of each category, in file order, are the `calib`
+split: whatever is fitted or tuned (draft trees, thresholds) is fitted on them and only on them. The rest
+is the `eval` split, which every evaluation reads by default. `task.split`: `eval` | `calib` | `all`; when
+it is null, the Spec-Bench file is read as `eval` and a prompt file named with `task.path` is used whole.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ TASKS = {
     "rag": ["rag"],
 }
 CATEGORY_TASK = {c: t for t, cs in TASKS.items() for c in cs}
+CALIB_PER_CATEGORY = 2  # the last questions of each category: the calibration split
+SPLITS = ("eval", "calib", "all")
 
 
 class DataError(ValueError):
@@ -93,11 +100,41 @@ def read_questions(path: Path) -> list[Question]:
     return out
 
 
-def load_questions(cfg) -> list[Question]:
-    """Questions of `cfg.path` restricted to `cfg.categories`, then `cfg.per_category`, `cfg.per_task`
-    (the first N of each category / task, in file order), then `cfg.limit`; each cut to its first
-    `cfg.turns` turns."""
+def split_of(cfg) -> str:
+    """The split a task reads: `task.split`, else `eval` for the Spec-Bench file and `all` for a file of
+    the user's (`task.path`)."""
+    split = cfg.get("split") or ("eval" if cfg.get("path") is None else "all")
+    if split not in SPLITS:
+        raise DataError(f"task.split={split!r}: expected one of {list(SPLITS)}")
+    return split
+
+
+def select_split(questions: list[Question], split: str) -> list[Question]:
+    """`calib`: the last CALIB_PER_CATEGORY questions of each category (file order); `eval`: the others."""
+    if split == "all":
+        return questions
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, q in enumerate(questions):
+        by_cat[q.category].append(i)
+    calib = {i for idx in by_cat.values() for i in idx[-CALIB_PER_CATEGORY:]}
+    return [q for i, q in enumerate(questions) if (i in calib) == (split == "calib")]
+
+
+def warmup_question(cfg) -> Question:
+    """The question every job of this prompt file warms up on: the first of its calib split (whatever the
+    task's own split and filters), so that no evaluated prompt is seen before it is evaluated."""
     questions = read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
+    return select_split(questions, "calib")[0]
+
+
+def load_questions(cfg) -> list[Question]:
+    """Questions of `cfg.path` in the task's split (`split_of`), restricted to `cfg.categories`, then
+    `cfg.per_category`, `cfg.per_task` (the first N of each category / task, in file order), then
+    `cfg.limit`; each cut to its first `cfg.turns` turns."""
+    questions = read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
+    questions = select_split(questions, split_of(cfg))
+    if not questions:
+        raise DataError(f"task.split={split_of(cfg)}: no questions in that split of the prompt file")
     categories = cfg.get("categories")
     if categories:
         known = {q.category for q in questions}

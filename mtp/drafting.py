@@ -9,14 +9,18 @@ builds its drafts from these instead of its own copy.
 - **The successor matrix** (`SUCCESSORS`, `recycle`, `RANK_PRIOR`): Token Recycling's (Luo et al., ACL
   2025) V x 8 table of the tokens the model last predicted after each token, refreshed from every
   forward — Token Recycling's whole draft source, and one of ESP+'s.
-- **Rank-path trees** (`bfs_order`, `check_rank_tree`, `rank_tree_parents`): a static draft tree given as
-  rank paths, (r1, r2, …) = the r2-th candidate under the r1-th candidate of the root — the tree shapes
-  of Token Recycling and STAND.
+- **Rank-path trees** (`bfs_order`, `check_rank_tree`, `rank_tree_parents`, `draft_tree`): a static draft
+  tree given as rank paths, (r1, r2, …) = the r2-th candidate under the r1-th candidate of the root — the
+  tree shapes of Token Recycling and STAND, fitted per model by `python -m experiments.fit_trees` into
+  `conf/trees/<method>/<model>.json`.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -24,6 +28,8 @@ from mtp.errors import ConfigError
 from mtp.loop import Step
 
 RankPath = tuple[int, ...]
+TREES_DIR = Path(__file__).resolve().parent.parent / "conf" / "trees"  # <method>/<model>.json, fitted trees
+FIT_COMMAND = "python -m experiments.fit_trees model={model} --bc 10 30 60 120"
 
 
 # --------------------------------------------------------------------------- context copies
@@ -107,3 +113,50 @@ def rank_tree_parents(paths: list[RankPath]) -> list[int]:
     """Parent rows of the tree [root] + paths (root = row 0, path i = row i + 1)."""
     row = {(): 0} | {p: i + 1 for i, p in enumerate(paths)}
     return [-1] + [row[p[:-1]] for p in paths]
+
+
+def load_fitted(path: Path, bc: int) -> list[RankPath] | None:
+    """bc - 1 rank paths from a fitted-tree file: `trees[bc]` if present, else the first bc - 1 of its
+    `ranking` (nested and prefix-closed), or None when it has neither."""
+    data = json.loads(Path(path).read_text())
+    if str(bc) in data.get("trees", {}):
+        return [tuple(p) for p in data["trees"][str(bc)]]
+    ranking = [tuple(p) for p in data.get("ranking", [])]
+    return ranking[: bc - 1] if ranking else None
+
+
+def fitted_file(method: str, model_name: str | None) -> Path | None:
+    """conf/trees/<method>/<model>.json when it exists."""
+    path = TREES_DIR / method / f"{model_name}.json"
+    return path if model_name and path.is_file() else None
+
+
+_warned: set[tuple[str, str | None]] = set()
+
+
+def draft_tree(method: str, tree, bc: int, model_name: str | None, rule: Callable[[int], list[RankPath]]):
+    """The rank paths a tree-shaped method drafts with at `bc`, and where they come from (`source`):
+    `tree` = auto (the fitted tree of `model_name` when there is one, else the method's rule tree, with a
+    warning once per process naming the fit command) | rule | a fitted-tree JSON file | a list of rank paths."""
+    if isinstance(tree, (list, tuple)):
+        return [tuple(p) for p in tree], "given"
+    if tree == "rule":
+        return rule(bc), "rule"
+    if tree == "auto":
+        path = fitted_file(method, model_name)
+        paths = load_fitted(path, bc) if path is not None else None
+        if paths:
+            return paths, f"fitted:{path.relative_to(TREES_DIR.parent.parent)}"
+        if (method, model_name) not in _warned:
+            _warned.add((method, model_name))
+            print(f"[mtp] warning: no fitted {method} tree for model {model_name} (conf/trees/{method}/{model_name}.json); "
+                  f"drafting with the rule tree, which tables mark 'rule tree (unfitted)'. Fit one on the calib "
+                  f"prompts: {FIT_COMMAND.format(model=model_name)}", file=sys.stderr)
+        return rule(bc), "rule"
+    path = Path(tree)
+    if not path.is_file():
+        raise ConfigError(f"method.tree={tree!r}: expected auto | rule | a fitted-tree JSON file")
+    paths = load_fitted(path, bc)
+    if not paths:
+        raise ConfigError(f"{path}: no tree for bc={bc} and no ranking")
+    return paths, f"fitted:{path}"

@@ -55,6 +55,18 @@ class Layout:
 
 
 @dataclass
+class Draws:
+    """The children of one tree row when a drafter draws them at random (T > 0): `tokens`, every draw in
+    draw order, without replacement from the distribution q (`q_ids`, `q_probs`). A draw the tree carries
+    no row for is still listed: the verifier tests every draw in order, and a draw accepted without a row
+    is committed as that node's token with nothing below it."""
+
+    q_ids: list[int]
+    q_probs: list[float]
+    tokens: list[int]
+
+
+@dataclass
 class Block:
     """One step's input rows: `ids` (tree rows, root first, then token probe rows), then `embeds`.
 
@@ -62,16 +74,16 @@ class Block:
     parents: list[int]       (n_tree,) parent row of each tree row, -1 for the root, parents[i] < i
     layout:  Layout          depth and block-local attention of all T rows (static when built once)
     embeds:  (P, H) or None   probe rows given as input embeddings (ESP's masks), after the id rows
-    draft_q: {row: (ids, probs)} or None   for T > 0: the distribution q a tree row's children were drawn
-                              from, without replacement, in row order (STAND's Gumbel-Top-K); such
-                              children are verified by recursive rejection sampling instead of matching
+    draws:   {row: Draws} or None   for T > 0: tree rows whose children were drawn at random from a
+                              distribution q (STAND's Gumbel-Top-K); they are verified by recursive rejection
+                              sampling over the draws instead of by matching
     """
 
     ids: torch.Tensor
     parents: list[int]
     layout: Layout
     embeds: torch.Tensor | None = None
-    draft_q: dict[int, tuple[list[int], list[float]]] | None = None
+    draws: dict[int, Draws] | None = None
 
     @property
     def depth(self) -> torch.Tensor:
@@ -105,6 +117,10 @@ class Drafter:
 
     name = "ar"
     min_bc = 1  # smallest block complexity (tokens per forward) the method can run at
+    # True when, at T > 0, the drafts themselves are random draws (STAND's Gumbel-Top-K, `Block.draws`):
+    # the verifier then consumes other random numbers than AR, so the sampled ids differ from AR's while
+    # their distribution is the target's. Such a method is lossless in distribution, not in ids.
+    random_drafts = False
 
     def setup(self, model) -> None:
         """Once per job, before any prompt (job-level state such as Token Recycling's matrix)."""
@@ -317,7 +333,7 @@ class Decoder:
 
         At each node y = argmax (or a sample of p_target at T > 0); the child carrying y is accepted.
         For deterministic drafts this is exactly greedy / exactly the target distribution. Children
-        drawn from a distribution q (block.draft_q) are verified by recursive rejection at T > 0.
+        drawn from a distribution q (block.draws) are verified by recursive rejection at T > 0.
         """
         n = block.n_tree
         ids = block.ids[:n].tolist()
@@ -326,33 +342,36 @@ class Decoder:
 
     def _choose(self, block, logits, ids, greedy, node: int, kids: list[int]) -> tuple[int | None, int]:
         """At tree row `node` with children `kids`: the accepted child (or None) and the committed token."""
-        if greedy is None and block.draft_q and node in block.draft_q and kids:
-            return self._reject_sample(logits[node], block.draft_q[node], [(c, ids[c]) for c in kids])
+        if greedy is None and block.draws and node in block.draws:
+            return self._reject_sample(logits[node], block.draws[node], [(c, ids[c]) for c in kids])
         y = greedy[node] if greedy is not None else self._pick(logits[node])
         return next((c for c in kids if ids[c] == y), None), y
 
-    def _reject_sample(self, logits_row, q_sparse, kids) -> tuple[int | None, int]:
-        """Recursive rejection sampling over children drawn from q without replacement (SpecInfer /
-        RSD): child c_i is accepted with prob min(1, r(c_i) / q_i(c_i)), q_i = q without the earlier
-        children, renormalised; on rejection r <- norm(max(r - q_i, 0)). All rejected: y ~ r.
-        The returned token is distributed exactly as p (the target at this node)."""
+    def _reject_sample(self, logits_row, draws: Draws, kids: list[tuple[int, int]]) -> tuple[int | None, int]:
+        """Recursive rejection sampling over the draws, in draw order (SpecInfer, Miao et al., 2024; the
+        multi-draft rule of speculative sampling): draw x_i is accepted with prob min(1, r(x_i) / q_i(x_i)),
+        q_i = q without the earlier draws, renormalised; on rejection r <- norm(max(r - q_i, 0)). All
+        rejected: y ~ r. The returned token is distributed exactly as p (the target at this node), whichever
+        draws the tree carries rows for; the accepted child row is the one carrying y (None if none)."""
+        row_of = {tok: row for row, tok in kids}
         r = torch.softmax(logits_row / self.temperature, dim=-1)  # p: target, then the residual
         q = torch.zeros_like(r)
-        q[torch.tensor(q_sparse[0], device=r.device)] = torch.tensor(q_sparse[1], dtype=r.dtype, device=r.device)
-        for row, tok in kids:
+        q[torch.tensor(draws.q_ids, device=r.device)] = torch.tensor(draws.q_probs, dtype=r.dtype, device=r.device)
+        for tok in draws.tokens:
             qi = q / q.sum()
             if qi[tok] <= 0:  # not a draw from q: cannot be verified by rejection; skip it
                 continue
             u = torch.rand((), generator=self.generator, device=r.device)
             if u * qi[tok] < r[tok]:  # u < r/q_i
-                return row, tok
+                return row_of.get(tok), tok
             resid = torch.clamp(r - qi, min=0)
             if resid.sum() > 0:
                 r = resid / resid.sum()
             q[tok] = 0
             if q.sum() <= 0:
                 break
-        return None, int(torch.multinomial(r, 1, generator=self.generator))
+        y = int(torch.multinomial(r, 1, generator=self.generator))
+        return row_of.get(y), y
 
 
 def sync(device: torch.device) -> None:

@@ -32,7 +32,7 @@ def log_job(cfg, summary: dict, out_dir: Path) -> None:
         task = cfg.task.name
         scalars = {f"{task}/{k}": summary[k] for k in SCALARS if summary.get(k) is not None}
         scalars |= {f"{t}/tau": v for t, v in summary["per_task_tau"].items() if v is not None}
-        if summary.get("lossless") is not None:
+        if isinstance(summary.get("lossless"), bool):  # "in distribution" (random drafts) has no id check to log
             scalars[f"{task}/lossless"] = int(summary["lossless"])
         table = wandb.Table(columns=["task", "tau"], data=[[t, v] for t, v in summary["per_task_tau"].items()])
         fig, ax = plt.subplots(figsize=(5, 3))

@@ -12,8 +12,9 @@ from .conftest import compose_cfg
 
 @pytest.mark.skipif(not SHARED_SPEC_BENCH.is_file(), reason="shared Spec-Bench copy not beside the repo")
 def test_spec_bench_tasks_and_subsets():
-    qs = load_questions(compose_cfg(["task=spec_bench"]).task)
-    assert len(qs) == 480 and {q.task for q in qs} == set(TASKS)
+    qs = load_questions(compose_cfg(["task=spec_bench"]).task)  # the eval split: all but the last 2 of each category
+    assert len(qs) == 480 - 2 * 13 and {q.task for q in qs} == set(TASKS)
+    assert len(load_questions(compose_cfg(["task=spec_bench", "task.split=all"]).task)) == 480
     mini = load_questions(compose_cfg([]).task)  # the default job's subset
     assert len(mini) == 6 and {q.task for q in mini} == set(TASKS)
     per_cat = load_questions(compose_cfg(["task=spec_bench", "task.per_category=1"]).task)
@@ -62,3 +63,38 @@ def test_turns_keeps_the_first_turns(tmp_path):
     both = load_questions(OmegaConf.create({"path": str(path)}))
     first = load_questions(OmegaConf.create({"path": str(path), "turns": 1}))
     assert [q.turns for q in both] == [["a", "b"], ["c"]] and [q.turns for q in first] == [["a"], ["c"]]
+
+
+@pytest.mark.skipif(not SHARED_SPEC_BENCH.is_file(), reason="shared Spec-Bench copy not beside the repo")
+def test_calib_and_eval_share_no_question():
+    """Fitting reads calib, evaluation eval: the last 2 questions of each category against the rest."""
+    def ids(split, *more):
+        return [q.question_id for q in load_questions(compose_cfg(["task=spec_bench", f"task.split={split}", *more]).task)]
+
+    calib, evaluation, whole = ids("calib"), ids("eval"), ids("all")
+    assert len(calib) == 26 and not set(calib) & set(evaluation) and sorted(calib + evaluation) == sorted(whole)
+    assert ids("calib", "task.per_category=1") == [q for q in calib[::2]]  # each category's first calib question
+    for task in TASKS:  # every task config reads eval unless told otherwise
+        assert not set(ids("eval", f"task={task}")) & set(calib)
+        assert set(q.question_id for q in load_questions(compose_cfg([f"task={task}"]).task)) <= set(evaluation)
+
+
+def test_a_file_of_ones_own_is_read_whole_unless_a_split_is_given(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text("\n".join(json.dumps({"question_id": i, "category": "c" if i < 4 else "d", "turns": [f"q{i}"]})
+                           for i in range(7)))
+    assert [q.question_id for q in load_questions(_task(p))] == list(range(7))
+    assert [q.question_id for q in load_questions(_task(p, split="calib"))] == [2, 3, 5, 6]
+    assert [q.question_id for q in load_questions(_task(p, split="eval"))] == [0, 1, 4]
+    with pytest.raises(DataError, match="task.split='test': expected one of"):
+        load_questions(_task(p, split="test"))
+
+
+@pytest.mark.skipif(not SHARED_SPEC_BENCH.is_file(), reason="shared Spec-Bench copy not beside the repo")
+def test_jobs_warm_up_on_a_calib_question():
+    """The warm-up prompt is never an evaluated one: the first calib question, whatever the task."""
+    from mtp.data import warmup_question
+
+    calib = {q.question_id for q in load_questions(compose_cfg(["task=spec_bench", "task.split=calib"]).task)}
+    for task in ["spec_bench_mini", "spec_bench", *TASKS]:
+        assert warmup_question(compose_cfg([f"task={task}"]).task).question_id in calib

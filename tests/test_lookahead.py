@@ -75,7 +75,8 @@ def test_greedy_equals_ar(tiny, refs, bc):
 
 
 def test_explicit_narrow_window_warmup_sizes(tiny, refs):
-    """(N, W, G) = (6, 2, 1): window sizes 6, 10, 12, 12 over the warm-up, then 10 (+ a trie <= 5)."""
+    """(N, W, G) = (6, 2, 1): window sizes 6 (in the prefill), 10, 12, 12 over the warm-up, then 10 (+ a trie
+    <= 5)."""
     model, tok, prompts = tiny
     sizes = []
 
@@ -88,7 +89,7 @@ def test_explicit_narrow_window_warmup_sizes(tiny, refs):
     d = Recording(bc=17, N=6, W=2, G=1)
     g = run(model, d, prompts[0])
     assert g.new_ids == refs[0] and g.tokens_fed_max <= 17
-    assert sizes[:5] == [6, 10, 12, 12, 10] and max(sizes) <= 17
+    assert sizes[:4] == [10, 12, 12, 10] and max(sizes) <= 17
 
 
 def test_eos_mid_block(tiny, refs):
@@ -267,3 +268,20 @@ def test_tau_above_one_on_repetitive_output(tiny, refs):
         assert g.new_ids == ref
         committed, calls = committed + sum(g.committed_per_step), calls + g.decode_calls
     assert committed / calls > 1.05
+
+
+@pytest.mark.parametrize("bc,levels", [(10, [1, 1, 1, 1]), (30, [1, 2, 2, 2]), (60, [1, 2, 3, 3])])
+def test_fill_levels_match_the_reference(tiny, bc, levels):
+    """The prefill carries row 0 of the window, as the reference's first forward does, so the window fills
+    one step earlier than without it: fill level 1 at the first decode step, full (N - 2) from step N - 2."""
+    model, tok, prompts = tiny
+    seen = []
+
+    class Recording(Lookahead):
+        def propose(self, tokens):
+            seen.append(self.fill)
+            return super().propose(tokens)
+
+    g = run(model, Recording(bc=bc), prompts[0])
+    assert seen[: len(levels)] == levels and set(seen[len(levels):]) <= {levels[-1]}, seen
+    assert g.tokens_fed_max <= bc

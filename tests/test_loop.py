@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from mtp.kv import keep_rows
-from mtp.loop import Decoder, Drafter, tree_block, tree_layout
+from mtp.loop import Decoder, Drafter, Draws, tree_block, tree_layout
 
 
 def hf_greedy(model, ids, n):
@@ -130,16 +130,21 @@ def test_tree_steps_commit_several_and_stay_exact(tiny):
         assert sum(g.committed_per_step) == 29 and g.tokens_fed_max == 7
 
 
-def _rejection_chi2(dec, p_logits, q, n_children, trials, gen):
+def _rejection_chi2(dec, p_logits, q, n_children, trials, gen, offered=None, draws_seen="all"):
     """Chi-square statistic of the verifier's output token against p over `trials` draws, children
-    drawn from q by Gumbel-Top-K without replacement."""
+    drawn from q by Gumbel-Top-K without replacement. `offered`: the ranks the tree carries rows for (all
+    by default). `draws_seen="offered"` hands the verifier only the offered children as if they were the
+    draws: the verifier before gapped ranks were handled."""
     V = p_logits.shape[0]
     counts = torch.zeros(V)
     q_ids, q_p = list(range(V)), q.tolist()
+    offered = range(n_children) if offered is None else offered
     for _ in range(trials):
         gumbel = -torch.log(-torch.log(torch.rand(V, generator=gen)))
-        kids = torch.topk(torch.log(q) + gumbel, n_children).indices.tolist()
-        _, y = dec._reject_sample(p_logits, (q_ids, q_p), [(i + 1, t) for i, t in enumerate(kids)])
+        drawn = torch.topk(torch.log(q) + gumbel, n_children).indices.tolist()
+        kids = [(i + 1, drawn[r]) for i, r in enumerate(offered)]
+        tokens = drawn if draws_seen == "all" else [t for _, t in kids]
+        _, y = dec._reject_sample(p_logits, Draws(q_ids, q_p, tokens), kids)
         counts[y] += 1
     expected = trials * torch.softmax(p_logits, -1)
     return float(((counts - expected) ** 2 / expected).sum())
@@ -157,9 +162,9 @@ def test_rejection_sampling_keeps_the_target_distribution(tiny, monkeypatch, one
     q = torch.tensor([0.05, 0.40, 0.30, 0.10, 0.10, 0.05])
     assert _rejection_chi2(dec, p_logits, q, 2, 6000, gen) < 20.5
 
-    def biased(self, logits_row, q_sparse, kids):  # residual left as p: over-weights rejected children
+    def biased(self, logits_row, draws, kids):  # residual left as p: over-weights rejected children
         r = torch.softmax(logits_row / self.temperature, dim=-1)
-        qd = torch.tensor(q_sparse[1])
+        qd = torch.tensor(draws.q_probs)
         for row, t in kids:
             qi = qd / qd.sum()
             if torch.rand((), generator=self.generator) * qi[t] < r[t]:
@@ -171,9 +176,27 @@ def test_rejection_sampling_keeps_the_target_distribution(tiny, monkeypatch, one
     assert _rejection_chi2(dec, p_logits, q, 2, 6000, gen) > 20.5
 
 
+@pytest.mark.parametrize("offered", [[0, 1, 2, 4], [0, 2]])
+def test_rejection_is_exact_when_the_tree_skips_ranks(offered):
+    """A tree that keeps rank 4 of a parent's draws without rank 3 (a gapped shape): the verifier tests
+    every draw in draw order, so its output is still distributed as p (chi-square, 5 dof, p = 0.001, 60000
+    trials). Handing it only the offered children as if they were the draws, as it was handed before,
+    biases the output: the same test fails."""
+    p_logits = torch.tensor([2.0, 1.5, 0.3, 0.0, -1.0, 0.8])
+    q = torch.tensor([0.05, 0.40, 0.30, 0.10, 0.10, 0.05])
+    stats = {}
+    for seen in ("all", "offered"):
+        dec = Decoder.__new__(Decoder)  # the verifier alone: no model needed
+        dec.temperature, dec.generator = 1.0, torch.Generator().manual_seed(0)
+        stats[seen] = _rejection_chi2(dec, p_logits, q, max(offered) + 1, 60000, torch.Generator().manual_seed(1),
+                                      offered=offered, draws_seen=seen)
+    print(f"ranks {offered}: chi2 {stats['all']:.1f} (every draw), {stats['offered']:.1f} (offered children only)")
+    assert stats["all"] < 20.5 < stats["offered"], stats
+
+
 class RandomQDrafter(Drafter):
     """Children of the root: k tokens drawn without replacement (Gumbel-Top-K, own RNG) from a fixed q,
-    carried in Block.draft_q so the loop verifies them by rejection."""
+    carried in Block.draws so the loop verifies them by rejection."""
 
     def __init__(self, q, k=4, seed=0):
         self.q, self.k, self.gen = q, k, torch.Generator().manual_seed(seed)
@@ -182,7 +205,7 @@ class RandomQDrafter(Drafter):
         gumbel = -torch.log(-torch.log(torch.rand(self.q.shape[0], generator=self.gen)))
         kids = torch.topk(torch.log(self.q) + gumbel, self.k).indices.tolist()
         block = tree_block([tokens[-1]] + kids, [-1] + [0] * self.k)
-        block.draft_q = {0: (list(range(self.q.shape[0])), self.q.tolist())}
+        block.draws = {0: Draws(list(range(self.q.shape[0])), self.q.tolist(), kids)}
         return block
 
 

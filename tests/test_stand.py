@@ -8,7 +8,8 @@ import json
 import pytest
 
 from experiments.fit_trees import main as fit_main
-from baselines.stand import Stand, bfs_order, check_shape, load_fitted, merge, rule_tree
+from baselines.stand import Stand, bfs_order, check_shape, merge, rule_tree
+from mtp.drafting import load_fitted
 from mtp.errors import ConfigError
 from mtp.loop import Drafter
 
@@ -95,7 +96,7 @@ def test_sampling_with_rejection_verifier_runs_and_accepts(tiny):
 
     def spy(tokens):
         block = propose(tokens)
-        seen_q.append(bool(block.draft_q))
+        seen_q.append(bool(block.draws))
         return block
 
     d.propose = spy
@@ -166,29 +167,57 @@ def test_rule_tree_and_shapes():
 def test_fit_command_on_tiny_model(tmp_path):
     prompts = tmp_path / "q.jsonl"
     with open(prompts, "w") as f:
-        for i, cat in enumerate(["a", "a", "b", "c"]):
+        for i, cat in enumerate(["a", "a", "a", "b", "c"]):
             f.write(json.dumps({"question_id": i, "category": cat, "turns": [f"Say it again and again: {cat} {i}"]}) + "\n")
-    out = tmp_path / "tree.json"
-    res = fit_main(["model=tiny_qwen3", "--bc", "10", "17", "--prompts", str(prompts), "--nodes", "80",
-                    "--max-new-tokens", "40", "--out", str(out)])
+    res = fit_main(["model=tiny_qwen3", "--methods", "stand", "--bc", "10", "17", "--prompts", str(prompts),
+                    "--stand-nodes", "80", "--max-new-tokens", "40", "--out-dir", str(tmp_path)])["stand"]
+    out = tmp_path / "stand" / "tiny_qwen3.json"
     data = json.loads(out.read_text())
     h = data["header"]
     assert h["model"] == "tiny_qwen3" and h["made_by"].startswith("python -m experiments.fit_trees")
-    assert h["prompts"]["question_ids"] == [1, 2, 3] and h["date"]  # the last question of each category
-    assert sum(data["counts"]) > 0 and data["counts"] == sorted(data["counts"], reverse=True)
+    assert h["prompts"]["question_ids"] == [1, 2, 3, 4] and h["prompts"]["split"] == "calib" and h["date"]
+    assert str(tmp_path) not in out.read_text()  # no machine path in the file
+    assert sum(data["counts"]) > 0
     for bc in (10, 17):
         tree = [tuple(p) for p in data["trees"][str(bc)]]
         assert len(tree) == len(set(tree)) == bc - 1
-        check_shape(tree)
+        check_shape(tree)  # prefix-closed and gap-free in rank
         assert tree == bfs_order(res["ranking"][: bc - 1])
     for bc in (2, 10, 17, 30):  # any bc: trees[bc], else the first bc - 1 of the (prefix-closed) ranking
         tree = load_fitted(out, bc)
         assert len(tree) == bc - 1
         check_shape(tree)
     # loop mode counts accepted rows of real steps
-    res = fit_main(["model=tiny_qwen3", "--bc", "10", "--prompts", str(prompts), "--nodes", "40", "--max-new-tokens", "20",
-                    "--mode", "loop", "--out", str(tmp_path / "loop.json")])
+    res = fit_main(["model=tiny_qwen3", "--methods", "stand", "--bc", "10", "--prompts", str(prompts), "--stand-nodes",
+                    "40", "--max-new-tokens", "20", "--stand-mode", "loop", "--out-dir", str(tmp_path / "loop")])["stand"]
     assert len(res["trees"]["10"]) == 9 and res["header"]["steps"] > 0
+
+
+def test_fit_refuses_the_eval_split(tmp_path):
+    with pytest.raises(ConfigError, match="calib split only"):
+        fit_main(["model=tiny_qwen3", "task.split=eval", "--out-dir", str(tmp_path)])
+
+
+def test_ranking_is_prefix_closed_and_gap_free():
+    """Counts that favour rank 4 over rank 3 (as happens with few samples) still give gap-free trees."""
+    from experiments.fit_trees import rank_nodes
+
+    paths = rule_tree(40)
+    counts = {p: 100 - 10 * len(p) for p in paths} | {(0, 4): 95, (0, 3): 1, (2,): 0}
+    ranked = rank_nodes(paths, counts, gap_free=True)
+    assert sorted(ranked) == sorted(paths)
+    for n in range(1, len(ranked) + 1):
+        check_shape(ranked[:n])
+    assert ranked.index((0, 3)) < ranked.index((0, 4))
+    loose = rank_nodes(paths, counts, gap_free=False)  # Token Recycling's: prefix-closed only
+    assert loose.index((0, 4)) < loose.index((0, 3))
+    for n in range(1, len(loose) + 1):
+        assert all(len(p) == 1 or p[:-1] in set(loose[:n]) for p in loose[:n])
+
+
+def test_gapped_trees_are_refused():
+    with pytest.raises(ConfigError, match="gap in rank"):
+        Stand(bc=10, tree=[[0], [1], [0, 0], [0, 2]])
 
 
 def test_fitted_tree_file_is_used(tiny, refs, tmp_path):
@@ -201,3 +230,20 @@ def test_fitted_tree_file_is_used(tiny, refs, tmp_path):
     assert Stand(bc=4, tree=str(f)).paths == [(0,), (1,), (0, 0)]
     d.setup(model)
     assert run(model, d, prompts[0]).new_ids == refs[0]
+
+
+def test_sampling_job_reports_lossless_in_distribution(tmp_path):
+    """At T > 0 STAND's drafts are random draws, so its sampled ids differ from AR's by design: the job
+    says 'in distribution' (the chi-square tests check that) instead of reporting a false mismatch."""
+    from run import run_any
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(["model=tiny_llama", "method=stand", "temperature=1.0", "task.limit=2", "max_new_tokens=12",
+                       "bc=10", "wandb.mode=disabled"])
+    summary, text = run_any(cfg, tmp_path)
+    assert summary["lossless"] == "in distribution" and summary["n_mismatches"] is None
+    assert "in distribution" in text and "by design" in text
+    greedy, _ = run_any(compose_cfg(["model=tiny_llama", "method=stand", "task.limit=2", "max_new_tokens=12", "bc=10"]),
+                        tmp_path / "greedy")
+    assert greedy["lossless"] is True  # at T = 0 the ids are compared as for every method
