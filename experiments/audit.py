@@ -5,8 +5,9 @@
 
 Two comparisons for each job folder (a `records.jsonl` beside its `job.json`):
 - **in-job**: each turn's `ids` against the AR twin's `ar_ids` generated in the same job;
-- **cross-job**: against the records of a separate `method=ar` job with the same model, dtype, task,
-  max_new_tokens, temperature and seed (if there is one under `--results`).
+- **cross-job**: against the records of a separate `method=ar` job whose config is the same but for the
+  method's own settings (`mtp.runner.fingerprint` without `NOT_IN_AR_OUTPUT`: the same model, dtype, task,
+  max_new_tokens, temperature, seed; if there is one under `--results`).
 Ids are compared whole: a shorter or longer output is a difference at the first position one of them
 lacks (never a zip-truncated match). Each difference is reported with its first position, both tokens
 and the model's top-2 logit gap there (from the record for in-job differences; `--gap` loads the model
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 from mtp.metrics import first_mismatch
-from mtp.runner import read_records
+from mtp.runner import NOT_IN_AR_OUTPUT, fingerprint, read_records
 
 
 def _jobs(root: Path) -> list[dict]:
@@ -33,9 +34,7 @@ def _jobs(root: Path) -> list[dict]:
             continue
         cfg = json.loads(job_file.read_text())["config"]
         records, _ = read_records(rec_file)  # up to a torn last line of a killed job
-        task = {k: v for k, v in cfg["task"].items() if k != "cache_dir"}
-        key = json.dumps([cfg["model"]["name"], cfg["model"].get("dtype"), task, cfg["max_new_tokens"],
-                          cfg["temperature"], cfg["seed"]], sort_keys=True)
+        key = fingerprint(cfg, without=NOT_IN_AR_OUTPUT)  # what AR's output depends on: the same key, comparable
         jobs.append({"dir": rec_file.parent, "config": cfg, "key": key, "records": records,
                      "complete": (rec_file.parent / "summary.json").exists(), "method": cfg["method"]["name"]})
     return jobs

@@ -33,9 +33,17 @@ def _offset(i: int, n: int, width: float) -> float:
     return (i - (n - 1) / 2) * width
 
 
-def plot_per_task_tau(runs: pd.DataFrame, out: Path) -> list[Path]:
-    """Figure 4/5: τ per Spec-Bench task, one bar per method, one panel per bc (per model)."""
-    data = per_task_tau(runs, COMPARISON_GROUPS)
+def _yerr(d) -> np.ndarray | None:
+    """Asymmetric error bars (2, n) from interval columns lo/hi around `tau`; None without intervals."""
+    if "lo" not in d or d.lo.isna().all():
+        return None
+    return np.vstack([(d.tau - d.lo).clip(lower=0).fillna(0), (d.hi - d.tau).clip(lower=0).fillna(0)])
+
+
+def plot_per_task_tau(runs: pd.DataFrame, out: Path, groups=COMPARISON_GROUPS, name="fig4_per_task_tau") -> list[Path]:
+    """Figure 4/5: τ per Spec-Bench task with its 95% interval, one bar per method, one panel per bc (per
+    model); over every job when `groups` is None."""
+    data = per_task_tau(runs, groups)
     paths = []
     for model, dm in data.groupby("model") if not data.empty else []:
         bcs = sorted(dm.bc.unique())
@@ -45,8 +53,9 @@ def plot_per_task_tau(runs: pd.DataFrame, out: Path) -> list[Path]:
         width = 0.8 / max(1, len(methods))
         for ax, bc in zip(axes[0], bcs):
             for i, m in enumerate(methods):
-                d = dm[(dm.bc == bc) & (dm.method == m)].set_index("task").reindex(TASK_ORDER)
-                ax.bar(x + _offset(i, len(methods), width), d.tau, width, label=METHOD_LABEL.get(m, m))
+                d = dm[(dm.bc == bc) & (dm.method == m)].groupby("task").last().reindex(TASK_ORDER)  # newest per task
+                ax.bar(x + _offset(i, len(methods), width), d.tau, width, yerr=_yerr(d), capsize=2,
+                       error_kw={"lw": 0.8}, label=METHOD_LABEL.get(m, m))
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
             ax.set_xticks(x, [TASK_LABEL[t] for t in TASK_ORDER], fontsize=9, rotation=20)
             ax.set_title(f"bc = {bc}")
@@ -54,7 +63,7 @@ def plot_per_task_tau(runs: pd.DataFrame, out: Path) -> list[Path]:
         axes[0][0].set_ylabel("τ (tokens per forward step)")
         axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method")
         fig.suptitle(f"Acceptance length per task — {model}")
-        paths += _save(fig, out, f"fig4_per_task_tau_{model}")
+        paths += _save(fig, out, f"{name}_{model}")
     return paths
 
 
@@ -154,4 +163,26 @@ def plot_alignment(summaries: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-FIGURES = [plot_per_task_tau, plot_vs_bc, plot_accept_hist, plot_call_reduction]
+def plot_acceptance_by_depth(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """Per-position acceptance (vLLM-style): P(depth d accepted | depth d - 1 accepted and a draft below it),
+    one line per method, one panel per bc (per model), over every job."""
+    df = ok_runs(runs)
+    paths = []
+    for model, dm in df.groupby("model") if not df.empty else []:
+        bcs = sorted(dm.bc.unique())
+        fig, axes = plt.subplots(1, len(bcs), figsize=(5 * len(bcs), 3.8), sharey=True, squeeze=False)
+        for ax, bc in zip(axes[0], bcs):
+            for m in methods_in(dm[dm.bc == bc]):
+                rates = dm[(dm.bc == bc) & (dm.method == m)].iloc[-1].get("acceptance_by_depth") or []
+                if len(rates):
+                    ax.plot(np.arange(1, len(rates) + 1), rates, "o-", ms=3, label=METHOD_LABEL.get(m, m))
+            ax.set(xlabel="draft position d", title=f"bc = {bc}", ylim=(0, 1.02))
+        axes[0][0].set_ylabel("P(d accepted | d − 1 accepted)")
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method")
+        fig.suptitle(f"Acceptance per draft position — {model}")
+        paths += _save(fig, out, f"acceptance_by_depth_{model}")
+    return paths
+
+
+FIGURES = [plot_per_task_tau, plot_vs_bc, plot_accept_hist, plot_call_reduction, plot_acceptance_by_depth,
+           lambda runs, out: plot_per_task_tau(runs, out, groups=None, name="per_task_tau_all_jobs")]

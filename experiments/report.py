@@ -15,6 +15,8 @@ from experiments.results import load_runs
 from experiments.tables import TABLES, conditions, to_latex, to_markdown
 from mtp.runner import write_atomic
 
+ANY_JOBS = ("jobs", "per_task_tau")  # tables of every job present; the others need an experiment sweep
+
 
 def write_report(results: Path, out: Path) -> list[Path]:
     runs, alignment = load_runs(results), load_alignment(results)
@@ -31,8 +33,9 @@ def write_report(results: Path, out: Path) -> list[Path]:
         df = fn(runs)
         if df.empty:
             continue
-        write_atomic(out / f"{name}.md", f"## {name}\n\n" + to_markdown(df, footer))
-        write_atomic(out / f"{name}.tex", to_latex(df, footer))
+        note = "Conditions: " + conditions(runs) if name in ANY_JOBS else footer
+        write_atomic(out / f"{name}.md", f"## {name}\n\n" + to_markdown(df, note))
+        write_atomic(out / f"{name}.tex", to_latex(df, note))
         written += [out / f"{name}.md", out / f"{name}.tex"]
     for plot in FIGURES:
         written += plot(runs, out / "figures")
@@ -45,8 +48,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
     args = ap.parse_args()
     out = args.out or args.results / "report"
-    for p in write_report(args.results, out):
+    written = write_report(args.results, out)
+    for p in written:
         print(p)
+    if not any(p.stem not in ANY_JOBS and p.suffix == ".md" for p in written):
+        print(f"(no experiment sweep under {args.results}: the paper's tables need one, e.g. "
+              f"python run.py experiment=table1 model=smollm2_135m task.per_category=1 max_new_tokens=32)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Load job outputs (`summary.json`, `records.jsonl`, `error.json`) under a results folder into pandas.
 
-Runs are identified by (experiment group, model, method, bc, sweep arm, every method option: `m_<key>`
-columns); when a job was run more than once, the newest summary wins. Failed jobs (an `error.json` and no summary) are kept with
+A run is identified by its fingerprint (`mtp.runner.fingerprint`: a hash of its whole config, written into
+summary.json), so two runs that differ in any option are two rows; when the same job was run more than
+once, the newest summary wins. Summaries older than the fingerprint fall back to (experiment group, model,
+method, bc, sweep arm, every method option). Method options are columns `m_<key>`. Failed jobs (an `error.json` and no summary) are kept with
 status "failed" so tables can say what is missing instead of averaging over it.
 """
 
@@ -14,7 +16,9 @@ import pandas as pd
 
 SCALARS = ["tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "ar_decode_calls", "call_reduction",
            "new_tokens", "max_tokens_per_forward", "mean_tokens_per_forward", "lossless", "n_prompts", "n_turns",
-           "max_new_tokens", "temperature", "task", "loop_overhead", "split", "draft_tree"]
+           "max_new_tokens", "temperature", "task", "loop_overhead", "split", "draft_tree", "decode_speedup",
+           "speedup_specbench", "bound", "forward_cost"]
+DICTS = ["per_task_tau", "accept_hist", "ci", "per_task_tau_ci", "acceptance_by_depth", "per_task_acceptance_by_depth"]
 IDENTITY = ("group", "model", "method", "bc", "arm")
 NOT_OPTIONS = ("name", "_target_", "bc", "seed", "temperature", "model_name", "family")  # set from elsewhere in the job
 
@@ -44,9 +48,10 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         s = json.loads(path.read_text())
         env = s.get("environment", {})
         rows.append(_job_keys(s["config"], s.get("choices")) | {k: s.get(k) for k in SCALARS} | {
-            "per_task_tau": s.get("per_task_tau", {}), "accept_hist": s.get("accept_hist", {}),
+            **{k: s.get(k) or ({} if k != "acceptance_by_depth" else []) for k in DICTS},
             "device_name": env.get("device_name"), "torch": env.get("torch"), "transformers": env.get("transformers"),
-            "git": env.get("git"), "status": "ok", "dir": str(path.parent), "mtime": path.stat().st_mtime})
+            "git": env.get("git"), "fingerprint": s.get("fingerprint"), "status": "ok", "dir": str(path.parent),
+            "mtime": path.stat().st_mtime})
     for path in sorted(Path(root).rglob("error.json")):
         if (path.parent / "summary.json").exists():
             continue
@@ -64,8 +69,19 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     if df.empty:
         return df
     ident = [c for c in df.columns if c in IDENTITY or c.startswith("m_")]
+    if "fingerprint" in df:  # a run's identity: its fingerprint, or the config keys for summaries without one
+        df["identity"] = [fp if isinstance(fp, str) else json.dumps([row.get(c) for c in ident], default=str)
+                          for fp, (_, row) in zip(df.fingerprint, df.iterrows())]
+        ident = ["identity"]
     df = df.sort_values("mtime").drop_duplicates(subset=ident, keep="last", ignore_index=True)
     return df
+
+
+def job_records(run) -> list[dict]:
+    """The turn records of one run (a row of `load_runs`), up to a torn last line."""
+    from mtp.runner import read_records
+
+    return read_records(Path(run["dir"]) / "records.jsonl")[0]
 
 
 def load_records(runs: pd.DataFrame) -> pd.DataFrame:

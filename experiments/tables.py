@@ -2,7 +2,8 @@
 
 Only successful jobs of the table's experiment group are used; failed jobs are listed in the footer,
 never averaged. Columns marked "(paper)" hold the published numbers (experiments/paper.py), blank where
-the paper has none. Speedups (S/R) are AR time / method time measured in the same job.
+the paper has none. Speedups (S/R) are AR time / method time measured in the same job. A figure with a
+bootstrap interval over turns (`mtp.stats`) prints as `value [lo, hi]` (95%).
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ METHOD_ORDER = ["ar", "pld", "stand", "lade", "recycling", "esp", "esp_dynamic",
 METHOD_LABEL = {"ar": "AR", "pld": "PLD", "stand": "STAND", "lade": "LADE", "recycling": "Recycling", "esp": "ESP",
                 "esp_dynamic": "ESP-dyn", "esp_plus": "ESP+"}
 TASK_ORDER = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+
+
+def with_ci(value, ci):
+    """`1.236 [1.195, 1.270]` when there is an interval, else the bare value."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else value
+
+
+def _ci(run, key):
+    ci = run.get("ci") if hasattr(run, "get") else None
+    return ci.get(key) if isinstance(ci, dict) else None
 
 
 def ok_runs(runs: pd.DataFrame, groups: list[str] | None = None) -> pd.DataFrame:
@@ -45,7 +58,9 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
         for m in methods:
             r = g[g.method == m]
             label = METHOD_LABEL.get(m, m)
-            row |= {f"{label} τ": r.tau.iloc[-1] if len(r) else None, f"{label} S/R": r.speedup.iloc[-1] if len(r) else None}
+            last = r.iloc[-1] if len(r) else None
+            row |= {f"{label} τ": with_ci(last.tau, _ci(last, "tau")) if last is not None else None,
+                    f"{label} S/R": with_ci(last.speedup, _ci(last, "speedup")) if last is not None else None}
         rows.append(row)
     for (model, bc), ref in sorted(paper.TABLE1.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if bc not in set(df.bc):
@@ -60,13 +75,20 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def per_task_tau(runs: pd.DataFrame, groups=("fig4", "table1", "table6_calls", "bc120")) -> pd.DataFrame:
-    """Figure 4/5 data: τ per task for every (model, method, bc)."""
-    df = ok_runs(runs, list(groups))
+    """Figure 4/5 data: τ per task, with its interval (lo, hi), for every (model, method, bc); every job when
+    `groups` is None."""
+    df = ok_runs(runs, None if groups is None else list(groups))
+    if not df.empty:
+        df = df.assign(variant=_variant(df))
     rows = []
     for _, r in df.iterrows():
+        # a method run under several sweep arms (ESP+'s ablation) is one entry per arm
+        method = r.method if r.variant == "full" else f"{r.method} ({r.variant})"
         for task in TASK_ORDER:
             if task in (r.per_task_tau or {}):
-                rows.append({"model": r.model, "method": r.method, "bc": r.bc, "task": task, "tau": r.per_task_tau[task]})
+                ci = (r.get("per_task_tau_ci") or {}).get(task) or [None, None]
+                rows.append({"model": r.model, "method": method, "bc": r.bc, "task": task, "tau": r.per_task_tau[task],
+                             "lo": ci[0], "hi": ci[1]})
     return pd.DataFrame(rows)
 
 
@@ -74,7 +96,9 @@ def per_task_table(long: pd.DataFrame) -> pd.DataFrame:
     """Per-task τ as a table: a row per (model, method, bc), a column per Spec-Bench task."""
     if long.empty:
         return long
-    wide = long.pivot_table(index=["model", "method", "bc"], columns="task", values="tau", aggfunc="last")
+    long = long.assign(cell=[with_ci(t, [lo, hi] if lo is not None and not pd.isna(lo) else None)
+                             for t, lo, hi in zip(long.tau, long.lo, long.hi)])
+    wide = long.pivot_table(index=["model", "method", "bc"], columns="task", values="cell", aggfunc="last")
     wide = wide[[t for t in TASK_ORDER if t in wide.columns]].reset_index()
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     wide = wide.sort_values(["model", "bc", "method"], key=lambda c: c.map(order) if c.name == "method" else c)
@@ -88,7 +112,11 @@ def _ablation(runs, group, by, paper_col=None) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame()
     cols = ["model", *by, "tau", "speedup", "tokens_per_s", "call_reduction", "max_tokens_per_forward", "lossless"]
-    out = df[[c for c in cols if c in df.columns]].sort_values(["model", *by]).reset_index(drop=True)
+    df = df.sort_values(["model", *by])
+    out = df[[c for c in cols if c in df.columns]].reset_index(drop=True)
+    for key in ("tau", "speedup", "tokens_per_s", "call_reduction"):
+        if key in out:
+            out[key] = [with_ci(v, _ci(r, key)) for v, (_, r) in zip(out[key], df.iterrows())]
     if paper_col is not None:
         out["tau (paper)"] = [paper_col(r) for _, r in out.iterrows()]
     return out
@@ -137,11 +165,16 @@ def _variant(df) -> pd.Series:
     return pd.Series([label(a, m) for a, m in zip(arms, df.method)], index=df.index)
 
 
-def esp_plus_tasks(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every method of the esp_plus_ablation sweep, with ESP+ complete (`full`, and sized by cost): τ per
-    task and overall, speedup and loop overhead; for ESP+, its τ over the best other method's at the same
-    bc and the tasks where it is at least 1.10x the best other."""
-    df = ok_runs(runs, ["esp_plus_ablation"])
+def esp_plus_tasks(runs: pd.DataFrame, group: str = "esp_plus_ablation") -> pd.DataFrame:
+    """Every method of a sweep (esp_plus_ablation, or table1), with ESP+ complete (`full`, and sized by cost):
+    τ per task and overall, speedup and loop overhead; for ESP+, its τ over the best other method's at the
+    same bc with the paired bootstrap interval of that ratio (the same resampled turns for both), whether the
+    interval's lower end clears 1.10 (the claim "ESP+ ≥ 1.10× the best other" holds only then), and the
+    tasks where its point τ is at least 1.10x the best other's."""
+    from experiments.results import job_records
+    from mtp.stats import paired_ratio
+
+    df = ok_runs(runs, [group])
     if df.empty:
         return pd.DataFrame()
     df = df.assign(variant=_variant(df))
@@ -157,7 +190,12 @@ def esp_plus_tasks(runs: pd.DataFrame) -> pd.DataFrame:
             row |= {"τ": r.tau, "speedup": r.speedup, "loop overhead": r.get("loop_overhead"),
                     "tokens / forward": r.mean_tokens_per_forward, "lossless": r.lossless}
             if r.method == "esp_plus" and len(others):
-                row["τ / best other"] = r.tau / others.tau.max()
+                best_run = others.loc[others.tau.idxmax()]
+                cmp = paired_ratio(job_records(r), job_records(best_run), "tau")
+                row["τ / best other"] = with_ci(cmp["ratio"], cmp["ci"])
+                row["best other"] = METHOD_LABEL.get(best_run.method, best_run.method)
+                row["≥ 1.10× best (interval)"] = ("yes" if cmp["ci"] and cmp["ci"][0] >= 1.10 else
+                                                  "no" if cmp["ci"] and cmp["ci"][1] < 1.10 else "unresolved")
                 present = [t for t in TASK_ORDER if best[t] > 0]
                 wins = sum(((r.per_task_tau or {}).get(t) or 0) >= 1.10 * best[t] for t in present)
                 row["tasks ≥ 1.10× best"] = f"{wins}/{len(present)}"
@@ -182,7 +220,29 @@ def esp_plus_ablation(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def jobs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every successful job under the results folder, of any experiment or none (a single default job
+    included): its τ, speedup and decode-only speedup with intervals, the bound its model calls set,
+    tokens per forward and losslessness."""
+    df = ok_runs(runs)
+    if df.empty:
+        return pd.DataFrame()
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    df = df.sort_values(["model", "bc", "method"], key=lambda c: c.map(order) if c.name == "method" else c)
+    rows = []
+    for _, r in df.iterrows():
+        rows.append({"model": r.model, "method": METHOD_LABEL.get(r.method, r.method), "bc": r.bc,
+                     "group": r.get("group"), "task": r.task, "split": r.get("split"), "turns": r.n_turns,
+                     "τ": with_ci(r.tau, _ci(r, "tau")), "speedup": with_ci(r.speedup, _ci(r, "speedup")),
+                     "decode-only speedup": with_ci(r.get("decode_speedup"), _ci(r, "decode_speedup")),
+                     "bound": r.get("bound"), "tokens / forward": r.mean_tokens_per_forward, "lossless": r.lossless,
+                     "draft tree": r.get("draft_tree")})
+    return pd.DataFrame(rows)
+
+
 TABLES = {
+    "jobs": jobs,
+    "per_task_tau": lambda runs: per_task_table(per_task_tau(runs, None)),
     "table1": table1,
     "fig4_per_task_tau": lambda runs: per_task_table(per_task_tau(runs)),
     "table2_dynamic": table2_dynamic,
@@ -196,6 +256,7 @@ TABLES = {
     "ood_init": lambda runs: _ablation(runs, "ood_init", ["m_init", "m_ood_sigmas"]),
     "lambda": lambda runs: _ablation(runs, "lambda", ["m_lam"]),
     "esp_plus_tasks": esp_plus_tasks,
+    "table1_esp_plus": lambda runs: esp_plus_tasks(runs, "table1"),
     "esp_plus_ablation": esp_plus_ablation,
 }
 
@@ -217,7 +278,8 @@ def conditions(runs: pd.DataFrame) -> str:
         line += "; split: " + vals("split")
     if "draft_tree" in ok and (ok.draft_tree == "rule").any():
         rule = ok[ok.draft_tree == "rule"]
-        line += ("; rule tree (unfitted), no fitted tree for the model (python -m experiments.fit_trees): "
+        line += ("; rule tree (unfitted: no fitted tree for the model, python -m experiments.fit_trees fits one; or "
+                 "method.tree=rule): "
                  + ", ".join(sorted({f"{r.model}/{r.method}/bc{r.bc}" for r in rule.itertuples()})))
     failed = runs[runs.status == "failed"]
     if len(failed):

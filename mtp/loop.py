@@ -196,6 +196,8 @@ class Generation:
     prefill_calls: int = 0
     decode_calls: int = 0
     committed_per_step: list[int] = field(default_factory=list)
+    accepted_per_step: list[int] = field(default_factory=list)  # drafts accepted (before EOS/budget truncation)
+    leaf_per_step: list[bool] = field(default_factory=list)  # the deepest accepted node had no child in the tree
     tokens_fed_max: int = 0
     tokens_fed_sum: int = 0
     wall_s: float = 0.0
@@ -205,6 +207,14 @@ class Generation:
     @property
     def accept_hist(self) -> dict[int, int]:
         return dict(sorted(Counter(self.committed_per_step).items()))
+
+    @property
+    def accepted_hist(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.accepted_per_step).items()))
+
+    @property
+    def leaf_hist(self) -> dict[int, int]:
+        return dict(sorted(Counter(a for a, leaf in zip(self.accepted_per_step, self.leaf_per_step) if leaf).items()))
 
     @property
     def tokens_fed_mean(self) -> float:
@@ -281,6 +291,8 @@ class Decoder:
             gen.tokens_fed_sum += block.size
             # 4. verify: walk the tree from the root, commit accepted drafts + the bonus token
             path, committed = self._verify(block, logits)
+            gen.accepted_per_step.append(len(path) - 1)
+            gen.leaf_per_step.append(path[-1] not in block.parents)
             committed = committed[: max_new_tokens - len(gen.new_ids)]
             for i, tok in enumerate(committed):
                 if tok in self.eos:

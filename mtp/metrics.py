@@ -2,13 +2,20 @@
 
 τ = Σ tokens committed by decode steps / Σ decode calls (the prefill's first token is in neither), so
 AR has τ = 1 exactly. Speedup = Σ AR wall time / Σ method wall time over the same prompt turns, both
-measured in the same job, interleaved per prompt. Loop overhead = decode time (wall − prefill) / time in
-the model calls − 1: what drafting, verification and the cache cost beside the forwards.
+measured in the same job, interleaved per prompt; `decode_speedup` leaves the prefill (the same forward
+for both) out of both sides, and `speedup_specbench` is Spec-Bench's definition, the ratio of the mean
+per-turn throughputs. `bound` = τ · t_call(AR) / t_call(method), from the model-call times inside the
+loop: the decode-only speedup a loop with no cost of its own would reach, to compare with
+`decode_speedup`. Loop overhead = decode time (wall − prefill) / time in the model calls − 1: what
+drafting, verification and the cache cost beside the forwards. `ci` holds 95% bootstrap intervals over
+turns (`mtp.stats`); `acceptance_by_depth` the per-position acceptance rates.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+
+from mtp.stats import acceptance_by_depth, intervals
 
 
 def first_mismatch(ids: list[int], ref: list[int]) -> int | None:
@@ -57,6 +64,11 @@ def summarize(records: list[dict]) -> dict:
         out["loop_overhead"] = _ratio(decode, fwd) - 1 if fwd else None
         out["step_s"] = _ratio(decode, calls)  # per decode step: the model call and the loop's own work
         out["model_call_s"] = _ratio(fwd, calls)  # per decode step: the model call alone
+    accepted, leaf = Counter(), Counter()
+    for r in records:
+        accepted.update({int(k): v for k, v in r.get("accepted_hist", {}).items()})
+        leaf.update({int(k): v for k, v in r.get("leaf_hist", {}).items()})
+    out["acceptance_by_depth"] = acceptance_by_depth(accepted, leaf)
     if compared:
         ar_calls = sum(r["ar_decode_calls"] for r in records)
         ar_wall = sum(r["ar_wall_s"] for r in records)
@@ -66,18 +78,32 @@ def summarize(records: list[dict]) -> dict:
             "ar_decode_calls": ar_calls,
             "call_reduction": 1 - calls / ar_calls if ar_calls else None,
             "ar_model_call_s": _ratio(sum(r.get("ar_forward_s", 0.0) for r in records), ar_calls),
+            "decode_speedup": _ratio(ar_wall - sum(r["ar_prefill_s"] for r in records),
+                                     wall - sum(r["prefill_s"] for r in records)),
+            "speedup_specbench": _ratio(sum(r["new_tokens"] / r["wall_s"] for r in records),
+                                        sum(r["ar_new_tokens"] / r["ar_wall_s"] for r in records)),
             "lossless": all(r["matches_ar"] is not False for r in records),
             "n_mismatches": sum(r["matches_ar"] is False for r in records),
         }
         if any(r.get("lossless_check") == "distribution" for r in records):  # random drafts: no id comparison
             out |= {"lossless": "in distribution", "n_mismatches": None}
+        if out.get("model_call_s") and out["ar_model_call_s"]:
+            out["forward_cost"] = out["model_call_s"] / out["ar_model_call_s"]  # one block forward in 1-token forwards
+            out["bound"] = out["tau"] / out["forward_cost"]
     else:  # no AR twin in this job: nothing measured side by side
         out |= {"speedup": None, "ar_tokens_per_s": None, "call_reduction": None, "lossless": None}
+    out["ci"] = intervals(records, compared)
     by_task = defaultdict(list)
     for r in records:
         by_task[r["task"]].append(r)
     out["per_task_tau"] = {
         t: _ratio(sum(r["decode_committed"] for r in rs), sum(r["decode_calls"] for r in rs))
+        for t, rs in sorted(by_task.items())
+    }
+    out["per_task_tau_ci"] = {t: intervals(rs, False)["tau"] for t, rs in sorted(by_task.items())}
+    out["per_task_acceptance_by_depth"] = {
+        t: acceptance_by_depth(sum((Counter({int(k): v for k, v in r.get("accepted_hist", {}).items()}) for r in rs), Counter()),
+                               sum((Counter({int(k): v for k, v in r.get("leaf_hist", {}).items()}) for r in rs), Counter()))
         for t, rs in sorted(by_task.items())
     }
     return out

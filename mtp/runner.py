@@ -117,16 +117,27 @@ def _gen_fields(g: Generation, prefix: str = "") -> dict:
         f"{prefix}tokens_fed_max": g.tokens_fed_max,
         f"{prefix}tokens_fed_mean": g.tokens_fed_mean,
         f"{prefix}accept_hist": g.accept_hist,
+        f"{prefix}accepted_hist": g.accepted_hist,
+        f"{prefix}leaf_hist": g.leaf_hist,
         f"{prefix}wall_s": g.wall_s,
         f"{prefix}prefill_s": g.prefill_s,
         f"{prefix}forward_s": g.forward_s,
     }
 
 
-def fingerprint(cfg) -> str:
-    """Hash of everything in the job's config that can change its records (not W&B settings)."""
-    conf = OmegaConf.to_container(cfg, resolve=True)
-    conf.pop("wandb", None)
+# what a job's records do not depend on: where W&B logs, and a resume override
+NOT_IN_FINGERPRINT = ("wandb", "force")
+# what AR's output does not depend on: a method's own settings and the job's comparison switches
+NOT_IN_AR_OUTPUT = NOT_IN_FINGERPRINT + ("method", "bc", "compare_ar", "warmup", "warmup_tokens", "compared_methods")
+
+
+def fingerprint(cfg, without: tuple[str, ...] = NOT_IN_FINGERPRINT) -> str:
+    """The run's identity: a hash of everything in the job's config that can change its records. Written
+    into job.json and summary.json; resume, the tables (which runs are the same) and the audit (which AR job
+    a method's output is compared with: `without=NOT_IN_AR_OUTPUT`) all use it."""
+    conf = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    conf = {k: ({kk: vv for kk, vv in v.items() if kk != "cache_dir"} if isinstance(v, dict) else v)
+            for k, v in conf.items() if k not in without and k != "cache_dir"}  # where caches live changes nothing
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -166,13 +177,20 @@ def finished_turns(out_dir: Path, cfg) -> dict[tuple[str, int], dict]:
     """Records already in `out_dir` from an earlier run of the same job, keyed by (question id, turn).
     A different job's records there are an error; a torn last line (a killed write) is dropped."""
     job, path = out_dir / "job.json", out_dir / "records.jsonl"
-    fp = fingerprint(cfg)
+    fp, git = fingerprint(cfg), git_state()
     if job.exists():
-        if json.loads(job.read_text())["fingerprint"] != fp:
+        recorded = json.loads(job.read_text())
+        if recorded["fingerprint"] != fp:
             raise ConfigError(f"{out_dir} holds records of a different job configuration; "
                               "choose another output dir (hydra.run.dir=...) or delete that one")
+        then = recorded.get("git", {}).get("git")
+        if then and then != git["git"] and not cfg.get("force"):
+            raise ConfigError(f"{out_dir} holds records made by the code at git {then[:10]}; the code is now at "
+                              f"{git['git'][:10]}, so its records may differ. Run into another folder "
+                              f"(hydra.run.dir=...), delete that one, or pass +force=true to keep the recorded turns")
     else:
-        write_atomic(job, json.dumps({"fingerprint": fp, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+        write_atomic(job, json.dumps({"fingerprint": fp, "git": git, "config": OmegaConf.to_container(cfg, resolve=True)},
+                                     indent=2))
     records, without_tail = read_records(path)
     if without_tail is not None:  # drop a torn tail; new turns are appended after the rest
         write_atomic(path, without_tail)
@@ -253,6 +271,7 @@ def run_job(cfg, out_dir: Path) -> dict:
         "temperature": cfg.temperature,
         "resumed_turns": len(done),
         "choices": config_choices(),
+        "fingerprint": fingerprint(cfg),
         "environment": environment(model),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -302,18 +321,38 @@ def run_turn(cfg, model, decoder, drafter, ar, ids, ar_ids) -> dict:
 
 
 def format_summary(s: dict, out_dir: Path) -> str:
-    def f(v, spec=".3f"):
-        return "n/a" if v is None else format(v, spec)
+    ci = s.get("ci") or {}
 
+    def f(v, spec=".3f", key=None):
+        """A number, with its 95% interval when the summary has one."""
+        if v is None:
+            return "n/a"
+        lo_hi = ci.get(key) if key else None
+        return format(v, spec) + (f" [{format(lo_hi[0], spec)}, {format(lo_hi[1], spec)}]" if lo_hi else "")
+
+    speed = [f"  speedup vs AR         {f(s['speedup'], key='speedup')}"
+             + ("" if s["compared_with_ar"] else "  (compare_ar=false: not measured side by side)")]
+    if s.get("decode_speedup") is not None:
+        speed += [f"  decode-only speedup   {f(s['decode_speedup'], key='decode_speedup')}   (prefill left out of both sides; "
+                  f"Spec-Bench's mean-throughput ratio {f(s.get('speedup_specbench'))})"]
+    if s.get("bound") is not None:
+        speed += [f"  bound                 {f(s['bound'])}   (τ · t(1) / t(block) from this job's model calls: the decode-only "
+                  f"speedup of a loop that costs nothing)",
+                  f"  what limits speed     a forward of this method's blocks ({f(s['mean_tokens_per_forward'], '.1f')} tokens on "
+                  f"average) costs {f(s['forward_cost'], '.2f')} one-token forwards here, so τ {f(s['tau'], '.2f')} buys at "
+                  f"most {f(s['bound'], '.2f')}×"]
     lines = [
         f"== {s['model']} · {s['method']} · bc={s['bc']} · {s['task']} ({s['n_prompts']} prompts, {s['n_turns']} turns, "
-        f"max_new_tokens={s['max_new_tokens']}, T={s['temperature']})",
-        f"  tau (tokens/step)     {f(s['tau'])}",
-        f"  speedup vs AR         {f(s['speedup'])}" + ("" if s["compared_with_ar"] else "  (compare_ar=false: not measured side by side)"),
-        f"  tokens/s              {f(s['tokens_per_s'], '.1f')}   (AR {f(s['ar_tokens_per_s'], '.1f')})",
-        f"  decode calls          {s['decode_calls']}   (AR {s.get('ar_decode_calls', 'n/a')}, reduction {f(s['call_reduction'])})",
+        f"max_new_tokens={s['max_new_tokens']}, T={s['temperature']}; [95% bootstrap interval over turns])",
+        f"  tau (tokens/step)     {f(s['tau'], key='tau')}",
+        *speed,
+        f"  tokens/s              {f(s['tokens_per_s'], '.1f', 'tokens_per_s')}   (AR {f(s['ar_tokens_per_s'], '.1f')})",
+        f"  decode calls          {s['decode_calls']}   (AR {s.get('ar_decode_calls', 'n/a')}, reduction "
+        f"{f(s['call_reduction'], key='call_reduction')})",
         f"  tokens per forward    max {s['max_tokens_per_forward']}, mean {f(s['mean_tokens_per_forward'], '.1f')}",
         f"  accepted per step     {s['accept_hist']}",
+        "  acceptance by depth   " + ", ".join(f"{d} {r:.2f}" for d, r in enumerate(s.get("acceptance_by_depth", []), 1))
+        + "   (P(depth d accepted | depth d - 1 accepted and a draft below it))",
         "  turns ended by        " + ", ".join(f"{k} {v}" for k, v in s.get("stops", {}).items())
         + ("  (context_limit: the model's context filled up before max_new_tokens)"
            if "context_limit" in s.get("stops", {}) else ""),

@@ -115,3 +115,22 @@ def test_esp_plus_ablation_sweep_over_arms_to_its_tables(tmp_path):
     assert "| tiny_llama | 30 | Recycling |" in tasks and "| tiny_llama | 30 | ESP+ |" in tasks and "/1 |" in tasks
     ablation = (tmp_path / "report" / "esp_plus_ablation.md").read_text()
     assert "| tiny_llama | 30 | full |" in ablation and "| tiny_llama | 30 | no_ngram |" in ablation
+
+
+def test_two_runs_that_differ_in_one_option_are_two_rows(tmp_path):
+    """Runs are identified by their fingerprint: two ESP+ jobs that differ only in method.momentum (an option
+    no hand-written identity list named) are both in the results and the tables."""
+    from experiments.tables import jobs
+    from run import run_any
+
+    from .conftest import compose_cfg
+
+    base = ["model=tiny_llama", "method=esp_plus", "task.limit=2", "max_new_tokens=6", "bc=10", "wandb.mode=disabled"]
+    run_any(compose_cfg(base), tmp_path / "a")
+    run_any(compose_cfg(base + ["method.momentum=0.5"]), tmp_path / "b")
+    runs = load_runs(tmp_path)
+    assert len(runs) == 2 and sorted(runs.m_momentum) == [0.0, 0.5] and runs.fingerprint.nunique() == 2
+    assert len(jobs(runs)) == 2
+    run_any(compose_cfg(base + ["method.momentum=0.5"]), tmp_path / "c")  # the same job again: the newest wins
+    runs = load_runs(tmp_path)
+    assert len(runs) == 2 and (tmp_path / "c").as_posix() in set(runs.dir)

@@ -50,3 +50,24 @@ def test_killed_job_resumes_to_the_same_result(tmp_path):
 
     p = subprocess.run(cmd(cut, "bc=10"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "holds records of a different job configuration" in p.stderr
+
+
+def test_records_of_other_code_are_not_silently_kept(tmp_path):
+    """A job folder whose records were made by another commit is refused (naming the folder and the way
+    out), unless +force=true keeps them."""
+    import pytest
+
+    from mtp.errors import ConfigError
+    from run import run_any
+
+    from .conftest import compose_cfg
+
+    overrides = ["model=tiny_llama", "method=pld", "task.limit=2", "max_new_tokens=6", "bc=10"]
+    first, _ = run_any(compose_cfg(overrides), tmp_path)
+    job = json.loads((tmp_path / "job.json").read_text())
+    job["git"]["git"] = "0" * 40  # as if an older commit had made these records
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    with pytest.raises(ConfigError, match=f"{tmp_path} holds records made by the code at git 0000000000"):
+        run_any(compose_cfg(overrides), tmp_path)
+    summary, _ = run_any(compose_cfg(overrides + ["+force=true"]), tmp_path)  # the recorded job, kept
+    assert summary["n_turns"] == first["n_turns"] and summary["fingerprint"] == first["fingerprint"]
