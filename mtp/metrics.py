@@ -13,6 +13,7 @@ turns (`mtp.stats`); `acceptance_by_depth` the per-position acceptance rates.
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter, defaultdict
 
 from mtp.stats import acceptance_by_depth, intervals
@@ -87,6 +88,11 @@ def summarize(records: list[dict]) -> dict:
         }
         if any(r.get("lossless_check") == "distribution" for r in records):  # random drafts: no id comparison
             out |= {"lossless": "in distribution", "n_mismatches": None}
+        if all("wall_s_repeats" in r for r in records):  # repeats > 1: the speed ratio of every repeat
+            n = min(len(r["wall_s_repeats"]) for r in records)
+            ratios = sorted(sum(r["ar_wall_s_repeats"][k] for r in records) / sum(r["wall_s_repeats"][k] for r in records)
+                            for k in range(n))
+            out["speedup_repeats"] = {"n": n, "median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
         if out.get("model_call_s") and out["ar_model_call_s"]:
             out["forward_cost"] = out["model_call_s"] / out["ar_model_call_s"]  # one block forward in 1-token forwards
             out["bound"] = out["tau"] / out["forward_cost"]

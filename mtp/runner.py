@@ -6,6 +6,7 @@ job checks losslessness. Writes `records.jsonl` (one row per turn, flushed as it
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -27,12 +28,14 @@ from mtp.models import chat_ids, load_model, stop_ids
 
 def validate(cfg) -> None:
     """Checks that need no model, run before anything is loaded."""
-    for key in ("bc", "max_new_tokens"):
+    for key in ("bc", "max_new_tokens", "repeats"):
         v = cfg[key]
         if not isinstance(v, int) or isinstance(v, bool):
             raise ConfigError(f"{key}={v!r} must be an integer (e.g. {key}=30)")
     if cfg.bc < 1:
         raise ConfigError(f"bc={cfg.bc}: the block complexity (tokens per forward) must be >= 1")
+    if cfg.repeats < 1:
+        raise ConfigError(f"repeats={cfg.repeats} must be >= 1 (1 = time each turn once)")
     if cfg.max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be > 0")
     if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
@@ -299,13 +302,41 @@ def check_fits(decoder: Decoder, model: str, question_id, turn: int, ids: list[i
                         f"task.categories) or use a model with a longer context")
 
 
+def fork(drafter: Drafter, model) -> Drafter:
+    """A copy of `drafter` whose state can change without touching the original's; what it holds of the
+    model (modules, parameters, tensors sharing their storage, such as ESP's embedding table) is shared."""
+    memo = {id(m): m for m in model.modules()} | {id(p): p for p in model.parameters()}
+    weights = {p.data_ptr() for p in model.parameters()}
+
+    def share(obj, depth=0):
+        for v in vars(obj).values():
+            if isinstance(v, torch.Tensor) and v.data_ptr() in weights:
+                memo[id(v)] = v
+            elif depth < 2 and hasattr(v, "__dict__") and not isinstance(v, torch.nn.Module):
+                share(v, depth + 1)
+
+    share(drafter)
+    return copy.deepcopy(drafter, memo)
+
+
 def run_turn(cfg, model, decoder, drafter, ar, ids, ar_ids) -> dict:
-    """One prompt turn: AR (when `ar_ids` is given), then the method; their counters and comparison."""
+    """One prompt turn: AR (when `ar_ids` is given), then the method; their counters and comparison.
+    With `repeats` > 1 (and an AR twin), the pair is timed again repeats - 1 times, interleaved, the method
+    from a copy of its state before the turn (so the job's state and records are those of one run); the
+    wall times of every repeat go into `wall_s_repeats` / `ar_wall_s_repeats`."""
     rec = {"prompt_tokens": len(ids), "method": cfg.method.name, "bc": cfg.bc}
+    repeats = int(cfg.get("repeats", 1) or 1) if ar_ids is not None else 1
+    forks = [fork(drafter, model) for _ in range(repeats - 1)]
     if ar_ids is not None:
         g_ar = decoder.generate(ar, ar_ids, cfg.max_new_tokens)
     g = decoder.generate(drafter, ids, cfg.max_new_tokens)
     rec |= _gen_fields(g)
+    if forks:
+        walls, ar_walls = [g.wall_s], [g_ar.wall_s]
+        for copy_of_drafter in forks:
+            ar_walls.append(decoder.generate(ar, ar_ids, cfg.max_new_tokens).wall_s)
+            walls.append(decoder.generate(copy_of_drafter, ids, cfg.max_new_tokens).wall_s)
+        rec |= {"wall_s_repeats": walls, "ar_wall_s_repeats": ar_walls}
     if ar_ids is not None:
         rec |= _gen_fields(g_ar, "ar_")
         if cfg.temperature > 0 and drafter.random_drafts:  # ids differ from AR's by design (Drafter.random_drafts)
@@ -332,6 +363,10 @@ def format_summary(s: dict, out_dir: Path) -> str:
 
     speed = [f"  speedup vs AR         {f(s['speedup'], key='speedup')}"
              + ("" if s["compared_with_ar"] else "  (compare_ar=false: not measured side by side)")]
+    if s.get("speedup_repeats"):
+        r = s["speedup_repeats"]
+        speed += [f"  speedup, {r['n']} repeats  median {r['median']:.3f}, min {r['min']:.3f}, max {r['max']:.3f}   (every "
+                  f"repeat times AR and the method again, interleaved)"]
     if s.get("decode_speedup") is not None:
         speed += [f"  decode-only speedup   {f(s['decode_speedup'], key='decode_speedup')}   (prefill left out of both sides; "
                   f"Spec-Bench's mean-throughput ratio {f(s.get('speedup_specbench'))})"]

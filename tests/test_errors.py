@@ -76,6 +76,7 @@ def no_model_load(monkeypatch):
     (["method=lade", "bc=3"], "bc=3 is too small for Lookahead decoding"),
     (["method=pld", "bc=1"], "bc=1 is below method pld's minimum block complexity 2"),
     (["max_new_tokens=0"], "max_new_tokens=0 must be > 0"),
+    (["repeats=0"], "repeats=0 must be >= 1"),
     (["max_new_tokens=-5"], "max_new_tokens=-5 must be > 0"),
     (["temperature=-0.5"], "temperature=-0.5 must be a number >= 0"),
     (["job=sweep"], "job='sweep': expected decode or alignment"),

@@ -54,3 +54,20 @@ def test_wandb_offline_writes_a_run(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_repeats_time_again_without_changing_the_job(tmp_path):
+    """repeats=3 times each turn's AR + method pair three times; the method repeats from a copy of its
+    state, so Token Recycling's job-level matrix, the ids and τ are those of repeats=1."""
+    from run import run_any
+
+    from .conftest import compose_cfg
+
+    base = ["model=tiny_llama", "method=recycling", "task.limit=3", "max_new_tokens=16", "bc=10", "wandb.mode=disabled"]
+    once, _ = run_any(compose_cfg(base), tmp_path / "once")
+    thrice, text = run_any(compose_cfg(base + ["repeats=3"]), tmp_path / "thrice")
+    assert thrice["tau"] == once["tau"] and thrice["decode_calls"] == once["decode_calls"] and thrice["lossless"]
+    r = thrice["speedup_repeats"]
+    assert r["n"] == 3 and r["min"] <= r["median"] <= r["max"] and "3 repeats" in text
+    ids = lambda d: [json.loads(line)["ids"] for line in (d / "records.jsonl").read_text().splitlines()]  # noqa: E731
+    assert ids(tmp_path / "once") == ids(tmp_path / "thrice")
