@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -107,7 +108,12 @@ def _dequantize_to(src: Path, cache: Path) -> None:
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, cache)
+    try:
+        os.replace(tmp, cache)
+    except OSError:  # another process (a parallel test or sweep job) cached the same weights first: keep its copy
+        if not (cache / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- hub / local checkpoints
