@@ -100,15 +100,12 @@ class TokenRecycling(Drafter):
                               f"(at most bc - 1 = {bc - 1} nodes)")
         self.parents = rank_tree_parents(self.paths)
         self.layout = tree_layout(self.parents, static=True)  # built once, handed out every step
-        row = {(): 0} | {p: i + 1 for i, p in enumerate(self.paths)}
-        # per depth: rows filled at that depth, their parents' rows, their ranks
-        depths = sorted({len(p) for p in self.paths})
-        self.levels = [
-            (torch.tensor([row[p] for p in self.paths if len(p) == d]),
-             torch.tensor([row[p[:-1]] for p in self.paths if len(p) == d]),
-             torch.tensor([p[-1] for p in self.paths if len(p) == d]))
-            for d in depths
-        ]
+        # per depth: rows filled at that depth (path i is row i + 1), their parents' rows, their ranks
+        self.levels = []
+        for d in sorted({len(p) for p in self.paths}):
+            rows = [i + 1 for i, p in enumerate(self.paths) if len(p) == d]
+            self.levels.append((torch.tensor(rows), torch.tensor([self.parents[r] for r in rows]),
+                                torch.tensor([self.paths[r - 1][-1] for r in rows])))
 
     def setup(self, model) -> None:
         emb = model.get_input_embeddings().weight

@@ -120,21 +120,25 @@ def select_split(questions: list[Question], split: str) -> list[Question]:
     return [q for i, q in enumerate(questions) if (i in calib) == (split == "calib")]
 
 
+def _task_file(cfg) -> list[Question]:
+    """Every question of the task's prompt file."""
+    return read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
+
+
 def warmup_question(cfg) -> Question:
     """The question every job of this prompt file warms up on: the first of its calib split (whatever the
     task's own split and filters), so that no evaluated prompt is seen before it is evaluated."""
-    questions = read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
-    return select_split(questions, "calib")[0]
+    return select_split(_task_file(cfg), "calib")[0]
 
 
 def load_questions(cfg) -> list[Question]:
     """Questions of `cfg.path` in the task's split (`split_of`), restricted to `cfg.categories`, then
     `cfg.per_category`, `cfg.per_task` (the first N of each category / task, in file order), then
     `cfg.limit`; each cut to its first `cfg.turns` turns."""
-    questions = read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
-    questions = select_split(questions, split_of(cfg))
+    split = split_of(cfg)
+    questions = select_split(_task_file(cfg), split)
     if not questions:
-        raise DataError(f"task.split={split_of(cfg)}: no questions in that split of the prompt file")
+        raise DataError(f"task.split={split}: no questions in that split of the prompt file")
     categories = cfg.get("categories")
     if categories:
         known = {q.category for q in questions}
