@@ -2,7 +2,7 @@
 
 import json
 
-from experiments.bench import main
+from experiments.bench import main, within_bound
 
 
 def test_bench_writes_markdown_and_json(tmp_path, one_thread):
@@ -14,6 +14,7 @@ def test_bench_writes_markdown_and_json(tmp_path, one_thread):
     for r in res["runs"]:
         assert r["lossless"] and r["fwd_1_ms"] > 0 and r["mean_tokens_fed"] <= (r["bc"] or 1)
         assert 0 < r["model_call_ms"] < r["step_ms"]  # the model call is part of the step
+        assert r["decode_speedup"] > 0 and r["bound"] > 0
         assert abs(r["loop_overhead"] - (r["step_ms"] / r["model_call_ms"] - 1)) < 1e-9
     assert res["runs"][0]["tau"] == 1.0 and res["load"]["cached_s"] >= 0
     study = {r["variant"].split(" (")[0]: r for r in res["study"]}
@@ -22,4 +23,12 @@ def test_bench_writes_markdown_and_json(tmp_path, one_thread):
     assert res["profile"]["ops"] and 0 < res["profile"]["total_ms"] and res["profile"]["decode_calls"] > 0
     md = out.read_text()
     assert md.startswith("# Benchmarks") and "| esp | 10 |" in md and "tiny_llama on " in md
+    assert "| decode-only speedup | bound | ≤ bound |" in md
     assert "naive/efficient" in md and "### Speed of the model forward" in md and "torch.profiler" in md
+
+
+def test_within_bound_allows_the_interval_and_flags_a_speedup_beyond_it():
+    assert within_bound({"decode_speedup": 0.9, "decode_speedup_ci": [0.8, 1.0], "bound": 0.95}) == "yes"
+    assert within_bound({"decode_speedup": 1.0, "decode_speedup_ci": [0.9, 1.1], "bound": 0.95}) == "yes"  # within noise
+    assert within_bound({"decode_speedup": 1.0, "decode_speedup_ci": [0.97, 1.03], "bound": 0.95}) == "NO"
+    assert within_bound({"decode_speedup": 1.0, "decode_speedup_ci": None, "bound": 0.95}) == "NO"  # one prompt: no interval
