@@ -40,6 +40,18 @@ def _yerr(d) -> np.ndarray | None:
     return np.vstack([(d.tau - d.lo).clip(lower=0).fillna(0), (d.hi - d.tau).clip(lower=0).fillna(0)])
 
 
+def comparison_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The jobs of the method-comparison sweeps, one per (model, method, bc): where two sweeps ran the same
+    method at the same bc (the findings' narrow fig4 sweep beside Table 1), the widest sweep's (most jobs of
+    that model), so a figure's points come from one set of prompts as far as the sweeps allow."""
+    df = ok_runs(runs, COMPARISON_GROUPS)
+    if df.empty:
+        return df
+    size = df.groupby(["model", "group"]).size().rename("sweep_jobs").reset_index()
+    df = df.merge(size, on=["model", "group"]).sort_values(["sweep_jobs", "mtime"], ascending=[False, False])
+    return df.drop_duplicates(["model", "method", "bc"]).drop(columns="sweep_jobs")
+
+
 def plot_per_task_tau(runs: pd.DataFrame, out: Path, groups=COMPARISON_GROUPS, name="fig4_per_task_tau") -> list[Path]:
     """Figure 4/5: τ per Spec-Bench task with its 95% interval, one bar per method, one panel per bc (per
     model); over every job when `groups` is None."""
@@ -69,7 +81,7 @@ def plot_per_task_tau(runs: pd.DataFrame, out: Path, groups=COMPARISON_GROUPS, n
 
 def plot_vs_bc(runs: pd.DataFrame, out: Path) -> list[Path]:
     """τ and speedup against bc, one line per method (per model)."""
-    df = ok_runs(runs, COMPARISON_GROUPS)
+    df = comparison_runs(runs)
     paths = []
     for model, dm in df.groupby("model") if not df.empty else []:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -88,7 +100,7 @@ def plot_vs_bc(runs: pd.DataFrame, out: Path) -> list[Path]:
 
 def plot_accept_hist(runs: pd.DataFrame, out: Path) -> list[Path]:
     """Share of decode steps committing 1, 2, 3, … tokens, per method (per model and bc)."""
-    df = ok_runs(runs, COMPARISON_GROUPS)
+    df = comparison_runs(runs)
     paths = []
     for (model, bc), d in df.groupby(["model", "bc"]) if not df.empty else []:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -107,7 +119,7 @@ def plot_accept_hist(runs: pd.DataFrame, out: Path) -> list[Path]:
 
 def plot_call_reduction(runs: pd.DataFrame, out: Path) -> list[Path]:
     """Table 6 as bars: 1 − decode calls / AR decode calls, per method and bc (per model)."""
-    df = ok_runs(runs, COMPARISON_GROUPS)
+    df = comparison_runs(runs)
     paths = []
     for model, dm in df.groupby("model") if not df.empty else []:
         bcs = sorted(dm.bc.unique())

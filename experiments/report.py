@@ -11,6 +11,7 @@ from pathlib import Path
 
 from experiments.alignment import load_alignment
 from experiments.figures import FIGURES, plot_alignment
+from experiments.findings import findings, pairwise
 from experiments.results import load_runs
 from experiments.tables import TABLES, conditions, to_latex, to_markdown
 from mtp.runner import write_atomic
@@ -24,12 +25,19 @@ def write_report(results: Path, out: Path) -> list[Path]:
         raise SystemExit(f"no job outputs (summary.json / alignment.json / error.json) under {results}")
     out.mkdir(parents=True, exist_ok=True)
     written = plot_alignment(alignment, out / "figures")
+    claims = findings(runs, alignment)
+    if not claims.empty:
+        note = ("Verdicts at 95% (experiments/findings.py): holds / contradicted when the paired bootstrap interval "
+                "clears / misses the claim's threshold, else unresolved. Conditions: "
+                + (conditions(runs) if not runs.empty else "alignment runs only"))
+        write_atomic(out / "findings.md", "## findings\n\n" + to_markdown(claims, note))
+        written.append(out / "findings.md")
     if runs.empty:
         return written
     # the tables are built from experiment sweeps: state their conditions, not those of stray single jobs
     swept = runs[runs.group.notna()] if "group" in runs and runs.group.notna().any() else runs
     footer = "Conditions: " + conditions(swept)
-    for name, fn in TABLES.items():
+    for name, fn in (TABLES | {"table1_pairs": pairwise}).items():
         df = fn(runs)
         if df.empty:
             continue

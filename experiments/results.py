@@ -1,8 +1,9 @@
 """Load job outputs (`summary.json`, `records.jsonl`, `error.json`) under a results folder into pandas.
 
 A run is identified by its fingerprint (`mtp.runner.fingerprint`: a hash of its whole config, written into
-summary.json), so two runs that differ in any option are two rows; when the same job was run more than
-once, the newest summary wins. Summaries older than the fingerprint fall back to (experiment group, model,
+summary.json) within its experiment group, so two runs that differ in any option are two rows, and so is the
+same job run by two experiments (each experiment's table has it); when the same job was run more than once for
+one experiment, the newest summary wins. Summaries older than the fingerprint fall back to (experiment group, model,
 method, bc, sweep arm, every method option). Method options are columns `m_<key>`. Failed jobs (an `error.json` and no summary) are kept with
 status "failed" so tables can say what is missing instead of averaging over it.
 """
@@ -72,7 +73,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     if "fingerprint" in df:  # a run's identity: its fingerprint, or the config keys for summaries without one
         df["identity"] = [fp if isinstance(fp, str) else json.dumps([row.get(c) for c in ident], default=str)
                           for fp, (_, row) in zip(df.fingerprint, df.iterrows())]
-        ident = ["identity"]
+        ident = ["group", "identity"]  # the fingerprint leaves W&B (the group) out: the same job in two experiments is two rows
     df = df.sort_values("mtime").drop_duplicates(subset=ident, keep="last", ignore_index=True)
     return df
 
