@@ -1,6 +1,6 @@
 """Losslessness audit: every method's output ids against AR's, turn by turn, in full.
 
-    python -m experiments.audit --results results            # exit 1 on any difference
+    python -m experiments.audit --results results            # exit 1 on any defect
     python -m experiments.audit --results results --gap      # + top-2 logit gaps of cross-job differences
 
 Two comparisons for each job folder (a `records.jsonl` beside its `job.json`):
@@ -13,6 +13,10 @@ lacks (never a zip-truncated match). Each difference is reported with its first 
 and the model's top-2 logit gap there (from the record for in-job differences; `--gap` loads the model
 to compute it for cross-job ones), so a near-tie shows as a tiny gap. Incomplete jobs are audited on the
 turns they have and said to be incomplete; turns only one side has are listed, not compared.
+Each difference carries its class (`mtp.lossless`): a numeric tie (bf16/fp16: AR's top two within the
+dtype's rounding, the method took the other), a defect, or a turn after an earlier divergence. A cross-job
+difference is classified only with `--gap` (without it, it counts as a defect). The exit status is 1 when
+any difference is a defect.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+from mtp.lossless import classify
 from mtp.metrics import first_mismatch
 from mtp.runner import NOT_IN_AR_OUTPUT, fingerprint, read_records
 
@@ -69,7 +74,8 @@ def _gap_fn(job: dict):
 
 
 def audit(root: Path, with_gap: bool = False, out=None) -> int:
-    """Prints one block per method job; returns the number of differing turns (0 = lossless)."""
+    """Prints one block per method job; returns the number of defects (differences that are not numeric ties
+    or after an earlier divergence; 0 = lossless)."""
     out = out or sys.stdout
     jobs = _jobs(root)
     if not jobs:
@@ -78,10 +84,10 @@ def audit(root: Path, with_gap: bool = False, out=None) -> int:
     for j in jobs:
         if j["method"] == "ar":
             ar_jobs.setdefault(j["key"], j)
-    n_diff = unchecked = 0
+    totals, unchecked = {}, 0
     for job in (j for j in jobs if j["method"] != "ar"):
         label = str(job["dir"].relative_to(root)) if job["dir"] != root else str(root)
-        lines, diffs = [], 0
+        lines, classes = [], {}
         # in-job: against the AR twin of the same turn
         # random drafts at T > 0 (lossless_check "distribution"): ids differ from AR's by design, not compared
         by_distribution = [r for r in job["records"] if r.get("lossless_check") == "distribution"]
@@ -89,13 +95,13 @@ def audit(root: Path, with_gap: bool = False, out=None) -> int:
         for r in twins:
             pos = first_mismatch(r["ids"], r["ar_ids"])
             if pos is not None:
-                diffs += 1
                 fd = r.get("first_diff") or {}
-                gap = fd.get("top2_gap")
+                gap, cls = fd.get("top2_gap"), fd.get("class") or "defect"
+                classes[cls] = classes.get(cls, 0) + 1
                 lines.append(f"    in-job    question {r['question_id']} turn {r['turn']}: first difference at token "
                              f"{pos} (method {_at(r['ids'], pos)}, AR {_at(r['ar_ids'], pos)})"
                              + (f", top-2 logit gap {gap:.3g}" if gap is not None else
-                                f", {fd['reason']}" if fd.get("reason") else ""))
+                                f", {fd['reason']}" if fd.get("reason") else "") + f": {cls}")
         # cross-job: against a separate AR job of the same setting
         ar = ar_jobs.get(job["key"])
         cross, only_one_side = 0, 0
@@ -109,15 +115,19 @@ def audit(root: Path, with_gap: bool = False, out=None) -> int:
                 pos = first_mismatch(mine[k]["ids"], ar_recs[k]["ids"])
                 if pos is None:
                     continue
-                diffs += 1
-                extra = ""
+                extra, cls = "", "defect"
                 if with_gap:
                     gap_fn = gap_fn or _gap_fn(job)
                     fd = gap_fn(mine[k], ar_recs[k], ar_recs)
                     extra = f", top-2 logit gap {fd['top2_gap']:.3g}" if fd else ""
+                    cls = classify(fd, job["config"]["model"]["dtype"]) or "defect"
+                classes[cls] = classes.get(cls, 0) + 1
                 lines.append(f"    cross-job question {k[0]} turn {k[1]}: first difference at token {pos} "
-                             f"(method {_at(mine[k]['ids'], pos)}, AR {_at(ar_recs[k]['ids'], pos)}){extra}")
-        status = "DIFFERS" if diffs else "ok" if twins or cross else "IN DISTRIBUTION" if by_distribution else "UNCHECKED"
+                             f"(method {_at(mine[k]['ids'], pos)}, AR {_at(ar_recs[k]['ids'], pos)}){extra}: {cls}"
+                             + ("" if with_gap else " (unclassified without --gap)"))
+        diffs = sum(classes.values())
+        status = (("DEFECT" if classes.get("defect") else "NUMERIC TIES" if diffs else "ok") if twins or cross
+                  else "IN DISTRIBUTION" if by_distribution else "UNCHECKED")
         unchecked += not (twins or cross or by_distribution)
         if by_distribution:
             lines.append(f"    {len(by_distribution)} turns drafted with random draws at T > 0: their ids differ from AR's by "
@@ -126,14 +136,19 @@ def audit(root: Path, with_gap: bool = False, out=None) -> int:
         print(f"[{status}] {label}: {len(twins)} turns against the in-job AR twin{where}"
               + ("" if job["complete"] else f"; INCOMPLETE ({len(job['records'])} turns recorded)")
               + (f"; {only_one_side} turns only one side has" if only_one_side else ""), file=out)
+        if diffs:
+            lines.insert(0, "    " + ", ".join(f"{n} {c}" for c, n in sorted(classes.items())))
         for line in lines:
             print(line, file=out)
-        n_diff += diffs
-    print(f"{n_diff} differing turns" if n_diff else "lossless: every audited turn is identical to AR", file=out)
+        for c, n in classes.items():
+            totals[c] = totals.get(c, 0) + n
+    n_diff = sum(totals.values())
+    print(f"{n_diff} differing turns: " + ", ".join(f"{n} {c}" for c, n in sorted(totals.items())) if n_diff
+          else "lossless: every audited turn is identical to AR", file=out)
     if unchecked:
         print(f"{unchecked} jobs UNCHECKED: run with compare_ar=true, or put a method=ar job of the same setting "
               f"under {root}", file=out)
-    return n_diff
+    return totals.get("defect", 0)
 
 
 def _at(ids: list[int], pos: int):

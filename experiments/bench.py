@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from mtp.cli import choices, compose, search_path_overrides
 from mtp.data import load_questions, warmup_question
 from mtp.loop import Decoder, Drafter, bare_forward_s, sync
+from mtp.lossless import classify, lossless_label
 from mtp.metrics import summarize
 from mtp.models import chat_ids, load_model, stop_ids
 from mtp.runner import build_drafter, environment, first_difference, run_turn, warm_up, write_atomic
@@ -129,7 +130,7 @@ def run_bench(args) -> dict:
                 "mean_tokens_fed": s["mean_tokens_per_forward"], "model_call_ms": 1e3 * s["model_call_s"],
                 "ar_model_call_ms": 1e3 * s["ar_model_call_s"], "loop_overhead": s["loop_overhead"],
                 "fwd_1_ms": 1e3 * t1, "fwd_bc_ms": 1e3 * t_bc, "cache_len": cache_len, "decode_calls": calls,
-                "lossless": s["lossless"], "peak_mem_mb": peak_memory_mb(device),
+                "lossless": lossless_label(s), "peak_mem_mb": peak_memory_mb(device),
             })
     study = speed_study(model, cfg, prompts[0], decoder.eos, args) if args.study else []
     profile = profile_steps(decoder, build_drafter(job_cfg("esp", 30)), prompts[0], args) if args.profile else None
@@ -156,13 +157,17 @@ def speed_study(model, cfg, prompt: list[int], eos, args) -> list[dict]:
         return bare_forward_s(m, n_ctx, 1, reps, grad_mode), bare_forward_s(m, n_ctx, 30, reps, grad_mode)
 
     def lossless(m) -> bool | dict:
-        """True, or where ESP's output first leaves AR's with the variant's top-2 logit gap there."""
+        """True, or where ESP's output first leaves AR's, with the variant's top-2 logit gap there and its
+        class (a numeric tie of the variant's dtype, or a defect)."""
         dec = Decoder(m, eos)
         esp = build_drafter(compose([f"model={args.model}", "method=esp", "bc=30"]))
         esp.setup(m)
         n = min(args.max_new_tokens, 32)
         ids, ar_ids = dec.generate(esp, prompt, n).new_ids, dec.generate(Drafter(), prompt, n).new_ids
-        return True if ids == ar_ids else first_difference(m, prompt, ids, ar_ids)
+        if ids == ar_ids:
+            return True
+        diff = first_difference(m, prompt, ids, ar_ids)
+        return diff | {"class": classify(diff, str(next(m.parameters()).dtype).removeprefix("torch."))}
 
     def variant(name, setup, teardown, grad_mode=torch.inference_mode, check=None, note=""):
         print(f"[bench] speed study: {name}", file=sys.stderr, flush=True)
@@ -292,7 +297,7 @@ def to_markdown(res: dict) -> str:
             if lossless is None:
                 lossless = "—"
             elif lossless is not True:  # a divergence, shown with the variant's top-2 logit gap there
-                lossless = f"False: token {lossless['position']}, top-2 gap {lossless['top2_gap']:.3g}"
+                lossless = f"{lossless['class']}: token {lossless['position']}, top-2 gap {lossless['top2_gap']:.3g}"
             lines.append(f"| {r['variant']} | {r['t1_ms']:.1f} ({r['base_1_ms']:.1f}) | {r['t30_ms']:.1f} ({r['base_30_ms']:.1f}) | "
                          f"{r['speedup_1']:.2f} | {r['speedup_30']:.2f} | {r['setup_and_timing_s']:.1f} | {lossless} | {r['note']} |")
         lines += ["", f"Floor of a 1-token forward: {floor['weights_mb']:.0f} MiB of weights read once at the measured "

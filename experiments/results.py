@@ -18,7 +18,7 @@ import pandas as pd
 SCALARS = ["tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "ar_decode_calls", "call_reduction",
            "new_tokens", "max_tokens_per_forward", "mean_tokens_per_forward", "lossless", "n_prompts", "n_turns",
            "max_new_tokens", "temperature", "task", "loop_overhead", "split", "draft_tree", "decode_speedup",
-           "speedup_specbench", "bound", "forward_cost"]
+           "speedup_specbench", "bound", "forward_cost", "n_defects", "n_numeric_ties"]
 DICTS = ["per_task_tau", "accept_hist", "ci", "per_task_tau_ci", "acceptance_by_depth", "per_task_acceptance_by_depth"]
 IDENTITY = ("group", "model", "method", "bc", "arm")
 NOT_OPTIONS = ("name", "_target_", "bc", "seed", "temperature", "model_name", "family")  # set from elsewhere in the job

@@ -13,6 +13,7 @@ import json
 import pandas as pd
 
 from experiments import paper
+from mtp.lossless import lossless_label
 
 METHOD_ORDER = ["ar", "pld", "stand", "lade", "recycling", "esp", "esp_dynamic", "esp_plus"]
 METHOD_LABEL = {"ar": "AR", "pld": "PLD", "stand": "STAND", "lade": "LADE", "recycling": "Recycling", "esp": "ESP",
@@ -114,6 +115,8 @@ def _ablation(runs, group, by, paper_col=None) -> pd.DataFrame:
     cols = ["model", *by, "tau", "speedup", "tokens_per_s", "call_reduction", "max_tokens_per_forward", "lossless"]
     df = df.sort_values(["model", *by])
     out = df[[c for c in cols if c in df.columns]].reset_index(drop=True)
+    if "lossless" in out:
+        out["lossless"] = [lossless_label(r) for _, r in df.iterrows()]
     for key in ("tau", "speedup", "tokens_per_s", "call_reduction"):
         if key in out:
             out[key] = [with_ci(v, _ci(r, key)) for v, (_, r) in zip(out[key], df.iterrows())]
@@ -188,7 +191,7 @@ def esp_plus_tasks(runs: pd.DataFrame, group: str = "esp_plus_ablation") -> pd.D
             label = METHOD_LABEL.get(r.method, r.method) + (" (cost)" if r.variant == "cost" else "")
             row = {"model": model, "bc": bc, "method": label} | {t: (r.per_task_tau or {}).get(t) for t in TASK_ORDER}
             row |= {"τ": r.tau, "speedup": r.speedup, "loop overhead": r.get("loop_overhead"),
-                    "tokens / forward": r.mean_tokens_per_forward, "lossless": r.lossless}
+                    "tokens / forward": r.mean_tokens_per_forward, "lossless": lossless_label(r)}
             if r.method == "esp_plus" and len(others):
                 best_run = others.loc[others.tau.idxmax()]
                 cmp = paired_ratio(job_records(r), job_records(best_run), "tau")
@@ -235,7 +238,7 @@ def jobs(runs: pd.DataFrame) -> pd.DataFrame:
                      "group": r.get("group"), "task": r.task, "split": r.get("split"), "turns": r.n_turns,
                      "τ": with_ci(r.tau, _ci(r, "tau")), "speedup": with_ci(r.speedup, _ci(r, "speedup")),
                      "decode-only speedup": with_ci(r.get("decode_speedup"), _ci(r, "decode_speedup")),
-                     "bound": r.get("bound"), "tokens / forward": r.mean_tokens_per_forward, "lossless": r.lossless,
+                     "bound": r.get("bound"), "tokens / forward": r.mean_tokens_per_forward, "lossless": lossless_label(r),
                      "draft tree": r.get("draft_tree")})
     return pd.DataFrame(rows)
 

@@ -4,14 +4,30 @@ transformers' `DynamicLayer` appends by `torch.cat` (a copy of the whole layer c
 the loop's compaction used `index_select` (another copy). `PreallocatedLayer` keeps each layer's keys
 and values in buffers with spare room: a forward writes its rows in place, compaction moves only the
 accepted rows down in place, and `keys`/`values` are views of the filled part. The buffers double when
-full, so the cost per step no longer grows with the cache length.
+full, so the cost per step no longer grows with the cache length. `with_cache` passes a cache to a forward
+under the argument name of the installed transformers.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword arguments that hand `cache` to `model`'s forward under the name the installed transformers
+    takes: `cache` from 5.24 on (where `past_key_values` is deprecated, with a FutureWarning on every forward,
+    and 5.40 removes it), `past_key_values` before. The one place the loop names it."""
+    return {_cache_arg(type(model).forward): cache, "use_cache": True}
 
 
 class PreallocatedLayer(DynamicLayer):

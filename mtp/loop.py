@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtp.kv import keep_rows, new_cache
+from mtp.kv import keep_rows, new_cache, with_cache
 
 
 @dataclass(eq=False)
@@ -254,10 +254,10 @@ class Decoder:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         probes = drafter.start(prompt_ids)
         if probes is None:
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids, **with_cache(self.model, cache))
         else:  # causal over [prompt | probes], positions 0..t+P-1
             embeds = torch.cat([self.embed(ids)[0], probes.to(self.dtype)])[None]
-            out = self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+            out = self.model(inputs_embeds=embeds, **with_cache(self.model, cache))
             keep_rows(cache, t, [])
         gen.prefill_calls = 1
         self._sync()
@@ -327,7 +327,7 @@ class Decoder:
         self._sync()
         t0 = time.perf_counter()
         out = self.model(
-            **kw, attention_mask=mask[None, None], position_ids=position_ids, past_key_values=cache, use_cache=True
+            **kw, attention_mask=mask[None, None], position_ids=position_ids, **with_cache(self.model, cache)
         )
         logits = out.logits[0].float()
         self._sync()
@@ -400,7 +400,7 @@ def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int, grad_mode
         g = torch.Generator().manual_seed(0)
         V = model.config.vocab_size
         cache = new_cache(model.config, cache_len + n_tokens)
-        model(input_ids=torch.randint(0, V, (1, cache_len), generator=g).to(device), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(0, V, (1, cache_len), generator=g).to(device), **with_cache(model, cache))
         ids = torch.randint(0, V, (1, n_tokens), generator=g).to(device)
         local = torch.full((n_tokens, n_tokens), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
         mask = torch.cat([torch.zeros(n_tokens, cache_len, dtype=dtype, device=device), local], 1)[None, None]
@@ -409,7 +409,7 @@ def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int, grad_mode
         for _ in range(repeats + 1):  # the first is a warm-up
             sync(device)
             t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(model, cache))
             sync(device)
             times.append(time.perf_counter() - t0)
             keep_rows(cache, cache_len, [])  # back to the cache length

@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter, defaultdict
 
+from mtp.lossless import lossless_fields
 from mtp.stats import acceptance_by_depth, intervals
 
 
@@ -83,11 +84,11 @@ def summarize(records: list[dict]) -> dict:
                                      wall - sum(r["prefill_s"] for r in records)),
             "speedup_specbench": _ratio(sum(r["new_tokens"] / r["wall_s"] for r in records),
                                         sum(r["ar_new_tokens"] / r["ar_wall_s"] for r in records)),
-            "lossless": all(r["matches_ar"] is not False for r in records),
+            **lossless_fields(records),  # exact / numeric_ties / false, and the count of each class
             "n_mismatches": sum(r["matches_ar"] is False for r in records),
         }
         if any(r.get("lossless_check") == "distribution" for r in records):  # random drafts: no id comparison
-            out |= {"lossless": "in distribution", "n_mismatches": None}
+            out |= {"lossless": "in distribution", "n_mismatches": None, "n_defects": None, "n_numeric_ties": None}
         if all("wall_s_repeats" in r for r in records):  # repeats > 1: the speed ratio of every repeat
             n = min(len(r["wall_s_repeats"]) for r in records)
             ratios = sorted(sum(r["ar_wall_s_repeats"][k] for r in records) / sum(r["wall_s_repeats"][k] for r in records)

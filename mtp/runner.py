@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mtp.data import REPO_ROOT, DataError, load_questions, split_of, warmup_question
 from mtp.errors import ConfigError
 from mtp.loop import Decoder, Drafter, Generation
+from mtp.lossless import classify, lossless_label
 from mtp.metrics import first_mismatch, summarize
 from mtp.models import chat_ids, load_model, stop_ids
 
@@ -346,6 +347,8 @@ def run_turn(cfg, model, decoder, drafter, ar, ids, ar_ids) -> dict:
             diff = {"position": None, "reason": "prompt differs (an earlier turn diverged)"}
         else:
             diff = first_difference(model, ids, g.new_ids, g_ar.new_ids)
+        if diff is not None:
+            diff["class"] = classify(diff, cfg.model.dtype)
         rec["matches_ar"] = diff is None
         rec["first_diff"] = diff
     return rec
@@ -391,7 +394,10 @@ def format_summary(s: dict, out_dir: Path) -> str:
         "  turns ended by        " + ", ".join(f"{k} {v}" for k, v in s.get("stops", {}).items())
         + ("  (context_limit: the model's context filled up before max_new_tokens)"
            if "context_limit" in s.get("stops", {}) else ""),
-        f"  lossless              {s['lossless']}" + (f"  ({s['n_mismatches']} turns differ; see records.jsonl first_diff)" if s.get("n_mismatches") else "")
+        f"  lossless              {lossless_label(s)}" + (f"  ({s['n_mismatches']} turns differ; see records.jsonl "
+                                                           "first_diff and its class)" if s.get("n_mismatches") else "")
+        + ("  (AR's top two logits within the dtype's rounding at every divergence: mtp/lossless.py)"
+           if s["lossless"] == "numeric_ties" else "")
         + ("  (random drafts at T > 0: the ids differ from AR's by design; the verifier keeps the target"
            " distribution, tested by chi-square in tests/)" if s["lossless"] == "in distribution" else ""),
         f"  prompts               split {s.get('split')}" + (f"; draft tree {s['draft_tree']}" if s.get("draft_tree") else "")

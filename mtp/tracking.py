@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mtp.lossless import lossless_label
+
 SCALARS = ("tau", "speedup", "tokens_per_s", "ar_tokens_per_s", "decode_calls", "call_reduction",
            "new_tokens", "max_tokens_per_forward", "mean_tokens_per_forward")
 
@@ -32,8 +34,9 @@ def log_job(cfg, summary: dict, out_dir: Path) -> None:
         task = cfg.task.name
         scalars = {f"{task}/{k}": summary[k] for k in SCALARS if summary.get(k) is not None}
         scalars |= {f"{t}/tau": v for t, v in summary["per_task_tau"].items() if v is not None}
-        if isinstance(summary.get("lossless"), bool):  # "in distribution" (random drafts) has no id check to log
-            scalars[f"{task}/lossless"] = int(summary["lossless"])
+        for key in ("n_defects", "n_numeric_ties"):  # the lossless classes' counts (mtp/lossless.py)
+            if summary.get(key) is not None:
+                scalars[f"{task}/{key}"] = summary[key]
         table = wandb.Table(columns=["task", "tau"], data=[[t, v] for t, v in summary["per_task_tau"].items()])
         fig, ax = plt.subplots(figsize=(5, 3))
         hist = {int(k): v for k, v in summary["accept_hist"].items()}
@@ -41,7 +44,7 @@ def log_job(cfg, summary: dict, out_dir: Path) -> None:
         ax.set(xlabel="tokens committed in one step", ylabel="decode steps", title=name)
         run.log(scalars | {f"{task}/per_task_tau": table, f"{task}/accept_hist": wandb.Image(fig)})
         plt.close(fig)
-        run.summary.update(scalars)
+        run.summary.update(scalars | {f"{task}/lossless": lossless_label(summary)})  # exact / numeric_ties (n) / ...
 
 
 def _log_alignment(cfg, summary: dict, out_dir: Path, name: str) -> None:

@@ -63,11 +63,23 @@ def test_differences_are_reported_and_fail(tmp_path, capsys):
         main(["--results", str(tmp_path)])
     assert e.value.code == 1
     text = capsys.readouterr().out
-    assert "[DIFFERS] pld: 2 turns against the in-job AR twin; 2 turns against AR job ar; INCOMPLETE (2 turns recorded)" in text
-    assert "in-job    question 0 turn 0: first difference at token 2 (method (ended), AR 3), top-2 logit gap 0.25" in text
+    assert "[DEFECT] pld: 2 turns against the in-job AR twin; 2 turns against AR job ar; INCOMPLETE (2 turns recorded)" in text
+    assert "in-job    question 0 turn 0: first difference at token 2 (method (ended), AR 3), top-2 logit gap 0.25: defect" in text
     assert "cross-job question 0 turn 0: first difference at token 2 (method (ended), AR 3)" in text
     assert "cross-job question 1 turn 0: first difference at token 1 (method 9, AR 5)" in text
-    assert "3 differing turns" in text
+    assert "3 differing turns: 3 defect" in text
+
+
+def test_numeric_ties_are_reported_and_pass(tmp_path):
+    """A bf16 job whose only difference is a numeric tie (classified when it was recorded) passes the audit."""
+    tie = rec(0, 0, [1, 7], [1, 2], gap=0.0625)
+    tie["first_diff"] |= {"position": 1, "method_token": 7, "ar_token": 2, "top2_tokens": [2, 7], "class": "numeric_tie"}
+    _job(tmp_path, "esp", "esp", [tie, rec(1, 0, [4, 5], [4, 5])])
+    out = io.StringIO()
+    assert audit(tmp_path, out=out) == 0
+    text = out.getvalue()
+    assert "[NUMERIC TIES] esp" in text and "top-2 logit gap 0.0625: numeric_tie" in text
+    assert "1 differing turns: 1 numeric_tie" in text
 
 
 def test_jobs_without_any_reference_are_unchecked(tmp_path):

@@ -60,7 +60,7 @@ def test_a_new_method_runs_as_a_job(toy, tmp_path):
                f"hydra.run.dir={out}", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "toy" and summary["lossless"] is True and summary["max_tokens_per_forward"] == 10
+    assert summary["method"] == "toy" and summary["lossless"] == "exact" and summary["max_tokens_per_forward"] == 10
 
 
 def test_a_new_method_is_in_the_bench(toy, tmp_path, one_thread):
@@ -71,7 +71,7 @@ def test_a_new_method_is_in_the_bench(toy, tmp_path, one_thread):
                 "--max-new-tokens", "6", "--repeats", "1", "--per-task", "1", "--no-study", "--no-profile",
                 "--no-load-times", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["runs"]
-    assert [(r["method"], r["bc"]) for r in rows] == [("ar", None), ("toy", 10)] and rows[1]["lossless"]
+    assert [(r["method"], r["bc"]) for r in rows] == [("ar", None), ("toy", 10)] and rows[1]["lossless"] == "exact"
 
 
 def test_a_new_method_is_in_a_multi_method_experiment(toy, tmp_path):

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from baselines.lookahead import CANDIDATES, Lookahead, fit_params, lru_insert, max_tokens
 from mtp.errors import ConfigError
+from mtp.kv import with_cache
 from mtp.loop import Decoder, Drafter, Step
 from mtp.runner import build_drafter
 
@@ -147,7 +148,7 @@ def test_block_rows_equal_sequential_chains(tiny, N, W, G, warm):
     assert paths == set(ngrams) and block.n_tree == 1 + len({g[:k] for g in ngrams for k in range(1, N)})
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.tensor([prompt]), **with_cache(model, cache))
     logits, _ = Decoder(model, [])._forward(block, cache, len(prompt))
     chains = []
     for r in range(block.n_tree):

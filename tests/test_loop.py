@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mtp.kv import keep_rows
+from mtp.kv import keep_rows, with_cache
 from mtp.loop import Decoder, Drafter, Draws, tree_block, tree_layout
 
 
@@ -49,7 +49,7 @@ PARENTS = [-1, 0, 0, 0, 1, 1, 2, 4, 6, 7]
 def _prefill(model, ids):
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([ids]), **with_cache(model, cache))
     return cache
 
 

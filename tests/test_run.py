@@ -27,7 +27,7 @@ def test_one_job_writes_records_and_summary(tmp_path):
         assert RECORD_KEYS <= set(r) and r["matches_ar"] and r["new_tokens"] <= 12
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["tau"] == 1.0 and summary["lossless"] is True and summary["n_prompts"] == 2
+    assert summary["tau"] == 1.0 and summary["lossless"] == "exact" and summary["n_prompts"] == 2
     assert summary["environment"]["torch"] and summary["config"]["model"]["name"] == "tiny_llama"
     assert "tau (tokens/step)" in p.stdout
 
@@ -41,7 +41,7 @@ def test_multirun_sweeps_models_and_bc(tmp_path):
     loaded = [json.loads(s.read_text()) for s in summaries]
     assert {(s["model"], s["bc"]) for s in loaded} == {(m, b) for m in ("tiny_llama", "tiny_qwen3") for b in (10, 30)}
     for s in loaded:  # the default method (ESP) fits itself to each bc and stays lossless
-        assert s["method"] == "esp" and s["lossless"] is True and s["max_tokens_per_forward"] <= s["bc"]
+        assert s["method"] == "esp" and s["lossless"] == "exact" and s["max_tokens_per_forward"] <= s["bc"]
 
 
 def test_bad_setting_fails_before_loading(tmp_path):
@@ -66,7 +66,7 @@ def test_repeats_time_again_without_changing_the_job(tmp_path):
     base = ["model=tiny_llama", "method=recycling", "task.limit=3", "max_new_tokens=16", "bc=10", "wandb.mode=disabled"]
     once, _ = run_any(compose_cfg(base), tmp_path / "once")
     thrice, text = run_any(compose_cfg(base + ["repeats=3"]), tmp_path / "thrice")
-    assert thrice["tau"] == once["tau"] and thrice["decode_calls"] == once["decode_calls"] and thrice["lossless"]
+    assert thrice["tau"] == once["tau"] and thrice["decode_calls"] == once["decode_calls"] and thrice["lossless"] == "exact"
     r = thrice["speedup_repeats"]
     assert r["n"] == 3 and r["min"] <= r["median"] <= r["max"] and "3 repeats" in text
     ids = lambda d: [json.loads(line)["ids"] for line in (d / "records.jsonl").read_text().splitlines()]  # noqa: E731
