@@ -5,7 +5,8 @@ summary.json) within its experiment group, so two runs that differ in any option
 same job run by two experiments (each experiment's table has it); when the same job was run more than once for
 one experiment, the newest summary wins. Summaries older than the fingerprint fall back to (experiment group, model,
 method, bc, sweep arm, every method option). Method options are columns `m_<key>`. Failed jobs (an `error.json` and no summary) are kept with
-status "failed" so tables can say what is missing instead of averaging over it.
+status "failed" so tables can say what is missing instead of averaging over it; jobs on a shape model with
+random weights (`model.random_weights=true`) have status "random weights" and stay out of every table.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         rows.append(_job_keys(s["config"], s.get("choices")) | {k: s.get(k) for k in SCALARS} | {
             **{k: s.get(k) or ({} if k != "acceptance_by_depth" else []) for k in DICTS},
             "device_name": env.get("device_name"), "torch": env.get("torch"), "transformers": env.get("transformers"),
-            "git": env.get("git"), "fingerprint": s.get("fingerprint"), "status": "ok", "dir": str(path.parent),
+            "git": env.get("git"), "fingerprint": s.get("fingerprint"), "dir": str(path.parent),
+            # a shape model's τ is not a result: kept as a row, never in a table (ok_runs takes status "ok")
+            "status": "random weights" if s.get("random_weights") else "ok",
             "mtime": path.stat().st_mtime})
     for path in sorted(Path(root).rglob("error.json")):
         if (path.parent / "summary.json").exists():

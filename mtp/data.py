@@ -7,6 +7,10 @@ it); without it, the upstream Spec-Bench file is fetched once from `SPEC_BENCH_U
 split: whatever is fitted or tuned (draft trees, thresholds) is fitted on them and only on them. The rest
 is the `eval` split, which every evaluation reads by default. `task.split`: `eval` | `calib` | `all`; when
 it is null, the Spec-Bench file is read as `eval` and a prompt file named with `task.path` is used whole.
+
+Files are read with `datasets`; `task.path=hf://owner/name` loads a hub dataset instead (when the hub is
+reachable or the dataset is in the local cache), its columns mapped by `task.fields` (conf/task/dolly_creative.yaml:
+the paper's Dolly creative-writing prompts for Figure 2).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ TASKS = {
 CATEGORY_TASK = {c: t for t, cs in TASKS.items() for c in cs}
 CALIB_PER_CATEGORY = 2  # the last questions of each category: the calibration split
 SPLITS = ("eval", "calib", "all")
+HUB_PREFIX = "hf://"
 
 
 class DataError(ValueError):
@@ -78,25 +83,83 @@ def resolve_path(path: str | None, cache_dir: str = "~/.cache/mtp") -> Path:
     return p
 
 
-def read_questions(path: Path) -> list[Question]:
+def _json_lines(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed record) of every non-blank line; a line that is not JSON is named."""
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            missing = [k for k in ("question_id", "category", "turns") if k not in rec] if isinstance(rec, dict) else 0
-            if missing != []:
-                raise DataError(f"{path}:{n}: expected an object with question_id, category, turns; missing {missing}")
-            turns = rec["turns"]
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-                raise DataError(f"{path}:{n}: 'turns' must be a non-empty list of non-empty strings")
-            out.append(Question(rec["question_id"], str(rec["category"]), turns))
+            if line.strip():
+                try:
+                    out.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    return out
+
+
+def _question(rec, where: str) -> Question:
+    missing = [k for k in ("question_id", "category", "turns") if rec.get(k) is None] if isinstance(rec, dict) else 0
+    if missing != []:
+        raise DataError(f"{where}: expected an object with question_id, category, turns; missing {missing}")
+    turns = rec["turns"]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise DataError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
+    return Question(rec["question_id"], str(rec["category"]), turns)
+
+
+def read_questions(path: Path) -> list[Question]:
+    """The questions of a JSONL prompt file, read with `datasets` (its JSON builder). A file it cannot type
+    (a question id that is a number on one line and text on another) is read line by line instead; a
+    malformed record is named by file and line either way."""
+    import datasets
+
+    try:
+        rows = list(datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True))
+        lines = None  # numbered only when a record is refused
+    except Exception:  # noqa: BLE001 - datasets raises many kinds; the line reader names the culprit or reads it
+        numbered = _json_lines(path)
+        rows, lines = [rec for _, rec in numbered], [n for n, _ in numbered]
+    out = []
+    for i, rec in enumerate(rows):
+        try:
+            out.append(_question(rec, f"{path}:{lines[i] if lines else i + 1}"))
+        except DataError:
+            if lines is None:  # name the file's line, not the row: blank lines are not rows
+                lines = [n for n, _ in _json_lines(path)]
+                _question(rec, f"{path}:{lines[i]}")
+            raise
     if not out:
         raise DataError(f"{path}: no questions")
+    return out
+
+
+def read_hub_questions(name: str, fields: dict, split: str = "train") -> list[Question]:
+    """A hub dataset (`task.path=hf://owner/name`, e.g. Dolly for Figure 2) as questions: `fields` maps
+    question_id / category / turns to its columns (a text column becomes a one-turn list; a null
+    question_id numbers the rows). Needs the hub, or the dataset in the local `datasets` cache."""
+    import datasets
+
+    from mtp.models import hub_endpoint, hub_reachable
+
+    offline = not hub_reachable()
+    try:
+        if offline:
+            datasets.config.HF_HUB_OFFLINE = True  # the local cache only, without a minute of retries
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001
+        why = (f"the hub ({hub_endpoint()}) is unreachable and the dataset is not in the local datasets cache"
+               if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise DataError(f"task.path=hf://{name}: cannot load it ({why}). Download it where the hub is reachable, or "
+                        f"export it as JSONL of question_id, category, turns and pass task.path=/path/to/file.jsonl") from e
+    unknown = sorted(c for c in fields.values() if c is not None and c not in ds.column_names)
+    if unknown:
+        raise DataError(f"task.fields names columns {unknown} that hf://{name} lacks (it has {ds.column_names})")
+    out = []
+    for i, row in enumerate(ds):
+        turns = row[fields["turns"]]
+        rec = {"question_id": row[fields["question_id"]] if fields.get("question_id") else i,
+               "category": row[fields["category"]] if fields.get("category") else name,
+               "turns": [turns] if isinstance(turns, str) else turns}
+        out.append(_question(rec, f"hf://{name} row {i}"))
     return out
 
 
@@ -121,8 +184,12 @@ def select_split(questions: list[Question], split: str) -> list[Question]:
 
 
 def _task_file(cfg) -> list[Question]:
-    """Every question of the task's prompt file."""
-    return read_questions(resolve_path(cfg.get("path"), cfg.get("cache_dir", "~/.cache/mtp")))
+    """Every question of the task's prompt file (or hub dataset: `task.path=hf://owner/name`)."""
+    path = cfg.get("path")
+    if str(path).startswith(HUB_PREFIX):
+        fields = dict(cfg.get("fields") or {"question_id": "question_id", "category": "category", "turns": "turns"})
+        return read_hub_questions(str(path).removeprefix(HUB_PREFIX), fields, cfg.get("hub_split") or "train")
+    return read_questions(resolve_path(path, cfg.get("cache_dir", "~/.cache/mtp")))
 
 
 def warmup_question(cfg) -> Question:

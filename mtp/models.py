@@ -9,6 +9,10 @@ tokenizer carrying a chat template and `eos_token_id`. Sources (`cfg.source`):
 - `hub`: a hub id or a local directory in `cfg.path` (Llama 3.x, Qwen3).
 - `tiny`: a random-initialised model of a given architecture with a byte-level tokenizer, built
   inline from `cfg.config` with `cfg.seed` (no files, no network).
+
+`model.random_weights=true` builds a hub model's exact shape (`cfg.shape`, from its config.json) with random
+weights and the byte tokenizer instead, on the device, for speed studies where only a forward's cost matters:
+its τ and lossless mean nothing, so its summary says `random_weights` and the tables leave it out.
 """
 
 from __future__ import annotations
@@ -46,7 +50,13 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     loaders = {"gguf_package": _load_gguf_package, "hub": _load_hub, "tiny": _load_tiny}
     if cfg.source not in loaders:
         raise ModelLoadError(f"model.source={cfg.source!r}: expected one of {sorted(loaders)}")
-    model, tok = loaders[cfg.source](cfg, dtype)
+    if cfg.get("random_weights"):
+        if not cfg.get("shape"):
+            raise ModelLoadError(f"model.random_weights=true needs model.shape (the architecture); {cfg.name} has none")
+        shape = dict(cfg.shape)
+        model, tok = random_model(shape.pop("arch"), shape, cfg.get("seed", 0), dtype, device)
+    else:
+        model, tok = loaders[cfg.source](cfg, dtype)
     model.to(device).eval()
     model.generation_config.pad_token_id = tok.eos_token_id
     return model, tok
@@ -178,22 +188,22 @@ def byte_tokenizer():
     return tok
 
 
-def _load_tiny(cfg, dtype):
+def random_model(arch: str, config: dict, seed: int, dtype, device="cpu"):
+    """A random-initialised model of architecture `arch` and config fields `config` (its vocab_size defaults
+    to the byte tokenizer's), built on `device`, with the byte-level tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = byte_tokenizer()
-    config = AutoConfig.for_model(
-        cfg.arch,
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-        **dict(cfg.config),
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
+    config = AutoConfig.for_model(arch, **({"vocab_size": len(tok)} | dict(config)), bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it runs: an 8B shape never on CPU
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, tok
+
+
+def _load_tiny(cfg, dtype):
+    return random_model(cfg.arch, dict(cfg.config), cfg.seed, dtype)
 
 
 def chat_ids(tokenizer, messages: list[dict], thinking: bool | None = None) -> list[int]:

@@ -274,6 +274,7 @@ def run_job(cfg, out_dir: Path) -> dict:
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature,
         "resumed_turns": len(done),
+        "random_weights": bool(cfg.model.get("random_weights")),  # a shape model: τ and lossless mean nothing
         "choices": config_choices(),
         "fingerprint": fingerprint(cfg),
         "environment": environment(model),
@@ -406,4 +407,7 @@ def format_summary(s: dict, out_dir: Path) -> str:
         f"  device                {s['environment']['device_name']} ({s['environment']['dtype']}, torch {s['environment']['torch']})",
         f"  output                {out_dir}",
     ]
+    if s.get("random_weights"):
+        lines.insert(1, "  RANDOM WEIGHTS        model.random_weights=true: the model's shape, not its weights. Its speed per "
+                        "forward is real; its τ, acceptance and lossless are not results (the tables leave this job out)")
     return "\n".join(lines)

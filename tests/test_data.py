@@ -98,3 +98,29 @@ def test_jobs_warm_up_on_a_calib_question():
     calib = {q.question_id for q in load_questions(compose_cfg(["task=spec_bench", "task.split=calib"]).task)}
     for task in ["spec_bench_mini", "spec_bench", *TASKS]:
         assert warmup_question(compose_cfg([f"task={task}"]).task).question_id in calib
+
+
+def test_a_dataset_with_other_columns_maps_through_fields(tmp_path):
+    """A hub-style dataset (here a local folder `datasets` loads the same way) whose columns are named otherwise:
+    task.fields maps them, a text column becomes one turn, a null question_id numbers the rows."""
+    d = tmp_path / "dolly"
+    d.mkdir()
+    rows = [{"instruction": "Write a poem.", "category": "creative_writing"}, {"instruction": "Name a fish.", "category": "qa"},
+            {"instruction": "Tell a story.", "category": "creative_writing"}]
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = _task(f"hf://{d}", split="all", fields={"question_id": None, "category": "category", "turns": "instruction"},
+                categories=["creative_writing"])
+    qs = load_questions(cfg)
+    assert [(q.question_id, q.category, q.turns) for q in qs] == [(0, "creative_writing", ["Write a poem."]),
+                                                                   (2, "creative_writing", ["Tell a story."])]
+    with pytest.raises(DataError, match=r"task.fields names columns \['prompt'\]"):
+        load_questions(_task(f"hf://{d}", split="all", fields={"question_id": None, "category": None, "turns": "prompt"}))
+
+
+def test_a_hub_dataset_without_the_hub_says_what_to_do(monkeypatch):
+    import mtp.models
+
+    monkeypatch.setattr(mtp.models, "hub_reachable", lambda timeout=3.0: False)
+    cfg = compose_cfg(["task=dolly_creative"]).task
+    with pytest.raises(DataError, match=r"hf://databricks/databricks-dolly-15k: cannot load it \(the hub .* is unreachable"):
+        load_questions(cfg)
