@@ -67,9 +67,9 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def load_times(model_name: str) -> dict:
+def load_times(model_name: str, overrides=()) -> dict:
     """Seconds to load the model from the cache, and (packaged GGUF only) cold from the GGUF."""
-    cfg = compose([f"model={model_name}"]).model
+    cfg = compose([f"model={model_name}", *overrides]).model
     out = {}
     if cfg.source == "gguf_package":
         with tempfile.TemporaryDirectory() as tmp:
@@ -86,9 +86,9 @@ def load_times(model_name: str) -> dict:
 
 def run_bench(args) -> dict:
     base = [*search_path_overrides(args.config_dir), f"model={args.model}", "task=spec_bench",
-            f"task.per_task={args.per_task}", f"max_new_tokens={args.max_new_tokens}"]
+            f"task.per_task={args.per_task}", f"max_new_tokens={args.max_new_tokens}", *getattr(args, "overrides", [])]
     cfg = compose(base)
-    loads = load_times(args.model) if args.load_times else {}
+    loads = load_times(args.model, getattr(args, "overrides", [])) if args.load_times else {}
     model, tok = load_model(cfg.model)
     device = next(model.parameters()).device
     questions = load_questions(cfg.task)
@@ -160,7 +160,7 @@ def speed_study(model, cfg, prompt: list[int], eos, args) -> list[dict]:
         """True, or where ESP's output first leaves AR's, with the variant's top-2 logit gap there and its
         class (a numeric tie of the variant's dtype, or a defect)."""
         dec = Decoder(m, eos)
-        esp = build_drafter(compose([f"model={args.model}", "method=esp", "bc=30"]))
+        esp = build_drafter(compose([f"model={args.model}", *getattr(args, "overrides", []), "method=esp", "bc=30"]))
         esp.setup(m)
         n = min(args.max_new_tokens, 32)
         ids, ar_ids = dec.generate(esp, prompt, n).new_ids, dec.generate(Drafter(), prompt, n).new_ids
@@ -316,6 +316,7 @@ def to_markdown(res: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every job, e.g. model.device=cuda model.dtype=bfloat16")
     ap.add_argument("--config-dir", action="append", default=[], type=Path,
                     help="an extra config folder (its method/*.yaml join conf/method/), as run.py's --config-dir")
     ap.add_argument("--methods", nargs="+", default=None,

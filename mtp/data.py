@@ -110,9 +110,9 @@ def read_questions(path: Path) -> list[Question]:
     """The questions of a JSONL prompt file, read with `datasets` (its JSON builder). A file it cannot type
     (a question id that is a number on one line and text on another) is read line by line instead; a
     malformed record is named by file and line either way."""
-    import datasets
-
     try:
+        import datasets  # a declared dependency; an image without it (the GPU study's machine) reads line by line
+
         rows = list(datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True))
         lines = None  # numbered only when a record is refused
     except Exception:  # noqa: BLE001 - datasets raises many kinds; the line reader names the culprit or reads it
