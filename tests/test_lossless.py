@@ -95,3 +95,18 @@ def test_smollm2_in_bf16_is_exact_or_numeric_ties(smollm2):
     s = summarize(recs)
     assert s["lossless"] in ("exact", "numeric_ties"), [r["first_diff"] for r in recs]
     assert measure(model, tok, prompts[:2], n_tokens=16, bc=30)["tie_gap_bound"] <= TIE_GAP["bfloat16"]
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen3"])
+def test_every_method_in_bf16_on_the_tiny_models_is_exact_or_numeric_ties(model_name):
+    base = [f"model={model_name}", "model.dtype=bfloat16", "max_new_tokens=16", "bc=30"]
+    model, tok = load_model(compose_cfg(base).model)
+    decoder = Decoder(model, stop_ids(model, tok))
+    for method in ("esp", "pld", "lade", "stand", "recycling", "esp_plus"):
+        cfg = compose_cfg(base + [f"method={method}"])
+        drafter = build_drafter(cfg)
+        drafter.setup(model)
+        recs = [run_turn(cfg, model, decoder, drafter, Drafter(), ids, ids)
+                | {"question_id": i, "turn": 0, "task": "t", "category": "c"}
+                for i, ids in enumerate(chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS)]
+        assert summarize(recs)["lossless"] in ("exact", "numeric_ties"), (method, [r["first_diff"] for r in recs])
