@@ -42,7 +42,7 @@ import pandas as pd
 from experiments import paper
 from experiments.results import job_records, load_runs
 from experiments.tables import METHOD_LABEL, methods_in, ok_runs
-from mtp.stats import _interval, paired_ratio, resamples, turn_order
+from mtp.stats import paired_ratio, percentile_interval, resamples, turn_order
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 EQUIVALENCE = 0.03  # "A ≈ B": the ratio within 1 ± 3%
@@ -248,7 +248,7 @@ def late_layer_gap(rows: list[dict], late_from: float = 2 / 3) -> dict | None:
             return s[..., 0] / s[..., 1] - s[..., 2] / s[..., 3]
 
     point = float(gap(sums.sum(0)))
-    ci = _interval(gap(sums[resamples(len(rows))].sum(1))) if len(rows) >= 2 else None
+    ci = percentile_interval(gap(sums[resamples(len(rows))].sum(1))) if len(rows) >= 2 else None
     return {"ratio": point, "ci": ci, "n_turns": len(rows), "layers": (first, n_layers)}
 
 

@@ -42,7 +42,8 @@ def resamples(n: int, n_boot: int = N_BOOT, seed: int = SEED) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def _interval(values: np.ndarray) -> list[float] | None:
+def percentile_interval(values: np.ndarray) -> list[float] | None:
+    """The central LEVEL (95%) percentile interval of bootstrap values (non-finite ones dropped); None if none."""
     values = values[np.isfinite(values)]
     if not len(values):
         return None
@@ -66,7 +67,7 @@ def intervals(records: list[dict], compared: bool) -> dict[str, list[float] | No
     out = {}
     for name, (num, den) in figures.items():
         ratio = _ratio_of_sums(np.array([num(r) for r in recs], float), np.array([den(r) for r in recs], float), idx)
-        out[name] = _interval(1 - ratio if name == "call_reduction" else ratio)
+        out[name] = percentile_interval(1 - ratio if name == "call_reduction" else ratio)
         if name == "call_reduction" and out[name]:
             out[name] = sorted(out[name])
     return out
@@ -91,7 +92,7 @@ def paired_ratio(a: list[dict], b: list[dict], figure: str = "tau") -> dict | No
     ci = None
     if len(common) >= 2:
         idx = resamples(len(common))
-        ci = _interval(_ratio_of_sums(na, da, idx) / _ratio_of_sums(nb, db, idx))
+        ci = percentile_interval(_ratio_of_sums(na, da, idx) / _ratio_of_sums(nb, db, idx))
     return {"ratio": float(point), "ci": ci, "n_turns": len(common),
             "excludes_1": bool(ci and (ci[0] > 1 or ci[1] < 1))}
 
