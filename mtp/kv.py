@@ -15,7 +15,7 @@ import inspect
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,11 +91,25 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def new_cache(config, capacity: int) -> DynamicCache:
-    """A DynamicCache whose full-attention layers are preallocated for `capacity` positions (sliding-window
-    or other special layers stay as transformers builds them)."""
+    """A DynamicCache whose attention layers are preallocated for `capacity` positions. Sliding-window layers
+    too: they keep every position like the others, so every layer's cache has the same columns (the loop's
+    compaction and block mask index them alike) and the window is applied by the mask (`layer_masks`)."""
     cache = DynamicCache(config=config)
-    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
     return cache
+
+
+def layer_masks(config, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """The loop's 4-D additive mask as the model takes it: as is, or for a model with sliding-window layers
+    (Gemma 3), one mask per layer type, the sliding layers' also hiding keys `sliding_window` or more positions
+    behind the query (transformers hands a prepared 4-D mask to every layer unchanged). `q_pos` (T,) and
+    `k_pos` (K,) are the positions of the mask's rows and columns."""
+    window = getattr(config, "sliding_window", None)
+    if not window or "sliding_attention" not in set(getattr(config, "layer_types", None) or ()):
+        return mask
+    far = (q_pos[:, None] - k_pos[None, :]) >= window
+    return {"full_attention": mask, "sliding_attention": mask.masked_fill(far, torch.finfo(mask.dtype).min)}
 
 
 def keep_rows(cache, n_prefix: int, block_rows: list[int]) -> None:

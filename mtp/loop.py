@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtp.kv import keep_rows, new_cache, with_cache
+from mtp.kv import keep_rows, layer_masks, new_cache, with_cache
 
 
 @dataclass(eq=False)
@@ -326,9 +326,9 @@ class Decoder:
             kw = {"inputs_embeds": torch.cat([self.embed(ids), block.embeds.to(self.dtype)])[None]}
         self._sync()
         t0 = time.perf_counter()
-        out = self.model(
-            **kw, attention_mask=mask[None, None], position_ids=position_ids, **with_cache(self.model, cache)
-        )
+        k_pos = torch.cat([torch.arange(cache_len, device=self.device), position_ids[0]])
+        masks = layer_masks(self.model.config, mask[None, None], position_ids[0], k_pos)
+        out = self.model(**kw, attention_mask=masks, position_ids=position_ids, **with_cache(self.model, cache))
         logits = out.logits[0].float()
         self._sync()
         return logits, time.perf_counter() - t0
@@ -405,11 +405,12 @@ def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int, grad_mode
         local = torch.full((n_tokens, n_tokens), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
         mask = torch.cat([torch.zeros(n_tokens, cache_len, dtype=dtype, device=device), local], 1)[None, None]
         pos = torch.arange(cache_len, cache_len + n_tokens, device=device)[None]
+        masks = layer_masks(model.config, mask, pos[0], torch.arange(cache_len + n_tokens, device=device))
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
             sync(device)
             t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(model, cache))
+            model(input_ids=ids, attention_mask=masks, position_ids=pos, **with_cache(model, cache))
             sync(device)
             times.append(time.perf_counter() - t0)
             keep_rows(cache, cache_len, [])  # back to the cache length

@@ -53,7 +53,7 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
     if cfg.get("random_weights"):
         if not cfg.get("shape"):
             raise ModelLoadError(f"model.random_weights=true needs model.shape (the architecture); {cfg.name} has none")
-        shape = dict(cfg.shape)
+        shape = _plain(cfg.shape)
         model, tok = random_model(shape.pop("arch"), shape, cfg.get("seed", 0), dtype, device)
     else:
         model, tok = loaders[cfg.source](cfg, dtype)
@@ -202,8 +202,15 @@ def random_model(arch: str, config: dict, seed: int, dtype, device="cpu"):
     return model, tok
 
 
+def _plain(section) -> dict:
+    """A config section as plain dicts and lists (transformers' config classes refuse OmegaConf lists)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
+
+
 def _load_tiny(cfg, dtype):
-    return random_model(cfg.arch, dict(cfg.config), cfg.seed, dtype)
+    return random_model(cfg.arch, _plain(cfg.config), cfg.seed, dtype)
 
 
 def chat_ids(tokenizer, messages: list[dict], thinking: bool | None = None) -> list[int]:
