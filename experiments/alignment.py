@@ -72,7 +72,7 @@ def mask_forward(model, masks: MaskEmbeddings, prompt_ids: list[int], new_ids: l
     allowed[n:, :n] = torch.arange(n, device=device)[None] < q[:, None]  # the mask in slot q sees seq[:q]
     allowed[n + torch.arange(m), n + torch.arange(m)] = True  # and itself
     mask = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=device).masked_fill(allowed, 0.0)
-    masks = layer_masks(model.config, mask[None, None], position_ids[0], position_ids[0])
+    masks = layer_masks(model.config, mask[None, None], position_ids[0], 0)
     out = model(inputs_embeds=embeds, attention_mask=masks, position_ids=position_ids,
                 output_hidden_states=True, use_cache=False)
     hs = torch.stack([h[0].float() for h in out.hidden_states])  # (layers + 1, n + m, H)

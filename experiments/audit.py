@@ -26,7 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-from mtp.lossless import classify
 from mtp.metrics import first_mismatch
 from mtp.runner import NOT_IN_AR_OUTPUT, fingerprint, read_records
 
@@ -120,7 +119,7 @@ def audit(root: Path, with_gap: bool = False, out=None) -> int:
                     gap_fn = gap_fn or _gap_fn(job)
                     fd = gap_fn(mine[k], ar_recs[k], ar_recs)
                     extra = f", top-2 logit gap {fd['top2_gap']:.3g}" if fd else ""
-                    cls = classify(fd, job["config"]["model"]["dtype"]) or "defect"
+                    cls = fd["class"] if fd else "defect"
                 classes[cls] = classes.get(cls, 0) + 1
                 lines.append(f"    cross-job question {k[0]} turn {k[1]}: first difference at token {pos} "
                              f"(method {_at(mine[k]['ids'], pos)}, AR {_at(ar_recs[k]['ids'], pos)}){extra}: {cls}"

@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from mtp.cli import choices, compose, search_path_overrides
 from mtp.data import load_questions, warmup_question
 from mtp.loop import Decoder, Drafter, bare_forward_s, sync
-from mtp.lossless import classify, lossless_label
+from mtp.lossless import lossless_label
 from mtp.metrics import summarize
 from mtp.models import chat_ids, load_model, stop_ids
 from mtp.runner import build_drafter, environment, first_difference, run_turn, warm_up, write_atomic
@@ -86,9 +86,9 @@ def load_times(model_name: str, overrides=()) -> dict:
 
 def run_bench(args) -> dict:
     base = [*search_path_overrides(args.config_dir), f"model={args.model}", "task=spec_bench",
-            f"task.per_task={args.per_task}", f"max_new_tokens={args.max_new_tokens}", *getattr(args, "overrides", [])]
+            f"task.per_task={args.per_task}", f"max_new_tokens={args.max_new_tokens}", *args.overrides]
     cfg = compose(base)
-    loads = load_times(args.model, getattr(args, "overrides", [])) if args.load_times else {}
+    loads = load_times(args.model, args.overrides) if args.load_times else {}
     model, tok = load_model(cfg.model)
     device = next(model.parameters()).device
     questions = load_questions(cfg.task)
@@ -160,14 +160,11 @@ def speed_study(model, cfg, prompt: list[int], eos, args) -> list[dict]:
         """True, or where ESP's output first leaves AR's, with the variant's top-2 logit gap there and its
         class (a numeric tie of the variant's dtype, or a defect)."""
         dec = Decoder(m, eos)
-        esp = build_drafter(compose([f"model={args.model}", *getattr(args, "overrides", []), "method=esp", "bc=30"]))
+        esp = build_drafter(compose([f"model={args.model}", *args.overrides, "method=esp", "bc=30"]))
         esp.setup(m)
         n = min(args.max_new_tokens, 32)
         ids, ar_ids = dec.generate(esp, prompt, n).new_ids, dec.generate(Drafter(), prompt, n).new_ids
-        if ids == ar_ids:
-            return True
-        diff = first_difference(m, prompt, ids, ar_ids)
-        return diff | {"class": classify(diff, str(next(m.parameters()).dtype).removeprefix("torch."))}
+        return True if ids == ar_ids else first_difference(m, prompt, ids, ar_ids)
 
     def variant(name, setup, teardown, grad_mode=torch.inference_mode, check=None, note=""):
         print(f"[bench] speed study: {name}", file=sys.stderr, flush=True)
@@ -234,7 +231,8 @@ def profile_steps(decoder, drafter, prompt: list[int], args) -> dict:
                                                "share": key(e) / total} for e in top]}
 
 
-def _with_ci(value: float, ci) -> str:
+def with_interval(value: float, ci) -> str:
+    """`0.437 [0.378, 0.507]`, or the bare value without an interval."""
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
 
 
@@ -268,8 +266,8 @@ def to_markdown(res: dict) -> str:
     ]
     for r in res["runs"]:
         lines.append(
-            f"| {r['method']} | {r['bc'] or '—'} | {_with_ci(r['tau'], r.get('tau_ci'))} | {r['tokens_per_s']:.1f} | "
-            f"{r['speedup']:.3f} | {_with_ci(r['decode_speedup'], r.get('decode_speedup_ci'))} | {r['bound']:.3f} | "
+            f"| {r['method']} | {r['bc'] or '—'} | {with_interval(r['tau'], r.get('tau_ci'))} | {r['tokens_per_s']:.1f} | "
+            f"{r['speedup']:.3f} | {with_interval(r['decode_speedup'], r.get('decode_speedup_ci'))} | {r['bound']:.3f} | "
             f"{within_bound(r)} | {r['step_ms']:.1f} | {r['model_call_ms']:.1f} | {r.get('ar_model_call_ms', 0):.1f} | "
             f"{100 * r['loop_overhead']:+.1f}% | {r['mean_tokens_fed']:.1f} | {r['fwd_1_ms']:.1f} | {r['fwd_bc_ms']:.1f} | "
             f"{r['lossless']} | {r['peak_mem_mb']:.0f} |")

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import paper
-from experiments.results import job_records, load_runs
+from experiments.results import job_records
 from experiments.tables import METHOD_LABEL, methods_in, ok_runs
 from mtp.stats import paired_ratio, percentile_interval, resamples, turn_order
 
@@ -109,6 +109,11 @@ def claim_row(claim: str, paper_says: str, comparison: str, model, bc, cmp: dict
             "turns": n, "turns to resolve": _needed(turns_to_resolve(point, ci, n, kind, threshold))}
 
 
+def _sweeps(df: pd.DataFrame, by):
+    """(key, jobs) for each `by` group (model, or model and bc) of a sweep's jobs; none when it has none."""
+    return df.groupby(by, sort=True) if len(df) else []
+
+
 def _one(df: pd.DataFrame, **eq):
     for key, value in eq.items():
         df = df[df[key] == value]
@@ -132,8 +137,7 @@ def _paper_ratio(x: float, y: float, where: str) -> str:
 def table1_claims(runs: pd.DataFrame) -> list[dict]:
     """Table 1: ESP's τ above LADE's, PLD's and STAND's at bc 30 and 60."""
     rows = []
-    df = ok_runs(runs, ["table1"])
-    for (model, bc), g in df.groupby(["model", "bc"], sort=True) if len(df) else []:
+    for (model, bc), g in _sweeps(ok_runs(runs, ["table1"]), ["model", "bc"]):
         ref = paper.TABLE1.get(("llama3_8b", bc), {})
         for other in ("lade", "pld", "stand"):
             says = _paper_ratio(ref["esp"][0], ref[other][0], "Llama-3.1-8B") if ref else ""
@@ -145,9 +149,8 @@ def table1_claims(runs: pd.DataFrame) -> list[dict]:
 def table3_claims(runs: pd.DataFrame) -> list[dict]:
     """Table 3: three masks per token hurt against one or two (bc 60)."""
     rows = []
-    df = ok_runs(runs, ["table3_masks"])
     t3 = {k: v["llama3_8b"] for k, v in paper.TABLE3.items()}
-    for model, g in df.groupby("model", sort=True) if len(df) else []:
+    for model, g in _sweeps(ok_runs(runs, ["table3_masks"]), "model"):
         three = _one(g, m_widths="[7, 5, 2]")
         for widths, k in (("[29]", 1), ("[15, 4]", 2)):
             rows.append(claim_row("3 masks hurt (Table 3)", _paper_ratio(t3[3], t3[k], "Llama-3.1-8B"),
@@ -159,9 +162,8 @@ def table3_claims(runs: pd.DataFrame) -> list[dict]:
 def table5_claims(runs: pd.DataFrame) -> list[dict]:
     """Table 5: mean init ≥ sample init ≥ last-k init."""
     rows = []
-    df = ok_runs(runs, ["table5_init"])
     t5 = {k: v["llama3_8b"] for k, v in paper.TABLE5.items()}
-    for model, g in df.groupby("model", sort=True) if len(df) else []:
+    for model, g in _sweeps(ok_runs(runs, ["table5_init"]), "model"):
         for a, b in (("mean", "sample"), ("sample", "last_k")):
             rows.append(claim_row("mean ≥ sample ≥ last-k init (Table 5)", _paper_ratio(t5[a], t5[b], "Llama-3.1-8B"),
                                   f"τ {a} / τ {b}", model, 60, _ratio(_one(g, m_init=a), _one(g, m_init=b)), "gt"))
@@ -172,8 +174,7 @@ def table2_claims(runs: pd.DataFrame) -> list[dict]:
     """Table 2: the dynamic tree is as good as the best static one. The best static tree is picked by its point
     τ on the same turns, which favours the static side (a selection the paper's table makes too)."""
     rows = []
-    df = ok_runs(runs, ["table2_dynamic"])
-    for (model, bc), g in df.groupby(["model", "bc"], sort=True) if len(df) else []:
+    for (model, bc), g in _sweeps(ok_runs(runs, ["table2_dynamic"]), ["model", "bc"]):
         static = g[g.m_tree == "static"]
         if not len(static):
             continue
@@ -189,8 +190,7 @@ def table2_claims(runs: pd.DataFrame) -> list[dict]:
 def pruner_claims(runs: pd.DataFrame) -> list[dict]:
     """App. G.7: the pruner raises τ (by up to 4%)."""
     rows = []
-    df = ok_runs(runs, ["pruner"])
-    for (model, bc), g in df.groupby(["model", "bc"], sort=True) if len(df) else []:
+    for (model, bc), g in _sweeps(ok_runs(runs, ["pruner"]), ["model", "bc"]):
         rows.append(claim_row("pruner raises τ, up to +4% (App. G.7)", "up to 1.04", "τ pruner on / off", model, bc,
                               _ratio(_one(g, m_pruner=True), _one(g, m_pruner=False)), "gt"))
     return rows
@@ -199,9 +199,8 @@ def pruner_claims(runs: pd.DataFrame) -> list[dict]:
 def table4_claims(runs: pd.DataFrame) -> list[dict]:
     """Table 4: the efficient implementation has the same τ as the naive one and is faster."""
     rows = []
-    df = ok_runs(runs, ["table4_impl"])
     t4 = {k: v["llama3_8b"] for k, v in paper.TABLE4.items()}
-    for (model, bc), g in df.groupby(["model", "bc"], sort=True) if len(df) else []:
+    for (model, bc), g in _sweeps(ok_runs(runs, ["table4_impl"]), ["model", "bc"]):
         eff, naive = _one(g, m_impl="efficient"), _one(g, m_impl="naive")
         rows.append(claim_row("efficient = naive τ (Table 4)", "same τ", "τ efficient / naive", model, bc,
                               _ratio(eff, naive), "approx"))
@@ -219,7 +218,7 @@ def copy_task_claims(runs: pd.DataFrame) -> list[dict]:
     df = ok_runs(runs, ["fig4"])
     if df.empty or not {"pld", "esp"} <= set(df.method):
         df = ok_runs(runs, ["table1"])
-    for (model, bc), g in df.groupby(["model", "bc"], sort=True) if len(df) else []:
+    for (model, bc), g in _sweeps(df, ["model", "bc"]):
         for task in ("summarization", "rag", ("summarization", "rag")):
             name = task if isinstance(task, str) else " + ".join(task)
             rows.append(claim_row("copy methods win on summarization / RAG (Figure 4)", "n-gram methods win",
@@ -285,9 +284,8 @@ def pairwise(runs: pd.DataFrame, group: str = "table1", figure: str = "tau") -> 
     """Every pair of methods of a sweep at each (model, bc): the higher one's figure over the lower one's, with
     its paired interval, whether the interval excludes 1 (over at least MIN_TURNS turns), and (if not) the turns
     it would take to."""
-    df = ok_runs(runs, [group])
     rows = []
-    for (model, bc), g in df.groupby(["model", "bc"], sort=True) if len(df) else []:
+    for (model, bc), g in _sweeps(ok_runs(runs, [group]), ["model", "bc"]):
         ms = [m for m in methods_in(g) if m != "ar"]
         for i, a in enumerate(ms):
             for b in ms[i + 1:]:

@@ -31,7 +31,6 @@ import argparse
 import gc
 import importlib.metadata
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -44,8 +43,8 @@ from experiments import paper
 from mtp.cli import compose
 from mtp.loop import bare_forward_s
 from mtp.lossless import TIE_GAP
-from mtp.models import chat_ids, load_model
-from mtp.runner import environment, write_atomic
+from mtp.models import load_model
+from mtp.runner import write_atomic
 
 N_GRID = [1, 2, 4, 8, 10, 16, 24, 30, 32, 48, 60, 64, 96, 128]
 BCS = [10, 30, 60]
@@ -61,8 +60,8 @@ GGUF_PART_BYTES = 60 * 10**6
 BUNDLE_WHEELS = ["hydra-core", "omegaconf", "antlr4-python3-runtime", "gguf"]
 
 
-def _free(*objs) -> None:
-    del objs
+def _free() -> None:
+    """Give back the memory of the models the caller has let go of (`del model` first)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -83,7 +82,8 @@ def cost_curves(args) -> list[dict]:
         rows.append({"model": cfg.name, "weights": "random (shape)" if extra else "real", "cache_len": args.cache_len,
                      "t_ms": {n: 1e3 * t for n, t in times.items()}, "cost": {n: t / t1 for n, t in times.items()},
                      "paper_esp": {bc: v for bc, v in paper_rows.items() if v}})
-        _free(model)
+        del model  # before the next shape is built: two 8B models need not be in memory at once
+        _free()
     return rows
 
 
@@ -106,16 +106,13 @@ def smollm2_methods(args) -> list[dict]:
 
 def gpu_ties(args) -> dict:
     """The bf16 rounding measurement of experiments.ties with the device's kernels."""
-    from experiments.ties import measure
-    from mtp.data import load_questions
+    from experiments.ties import measure, tie_prompts
 
-    cfg = compose([f"model={args.model}", f"model.device={args.device}", "model.dtype=bfloat16", "task=spec_bench",
-                   "task.per_category=1"])
-    model, tok = load_model(cfg.model)
-    qs = load_questions(cfg.task)[: args.tie_prompts]
-    prompts = [chat_ids(tok, [{"role": "user", "content": q.turns[0]}], cfg.model.get("thinking")) for q in qs]
+    _, model, tok, prompts = tie_prompts([f"model={args.model}", f"model.device={args.device}", "model.dtype=bfloat16"],
+                                         args.tie_prompts)
     res = measure(model, tok, prompts, args.max_new_tokens, 30) | {"cpu_tie_gap": TIE_GAP.get("bfloat16")}
-    _free(model)
+    del model
+    _free()
     return res
 
 
@@ -144,7 +141,7 @@ def to_markdown(res: dict) -> str:
             bound = f"{tau_sr[0] / r['cost'][bc]:.2f}" if tau_sr else ""
             lines.append(f"| {r['model']} | {bc} | {r['cost'][bc]:.2f} | {tau_sr[0] if tau_sr else ''} | {bound} | "
                          f"{tau_sr[1] if tau_sr else ''} |")
-    from experiments.bench import within_bound
+    from experiments.bench import with_interval, within_bound
 
     lines += ["", "## 2. SmolLM2 on the device: every method against AR", "",
               f"Spec-Bench, first turn of the first {c['per_task']} question(s) of each task; max_new_tokens "
@@ -154,8 +151,7 @@ def to_markdown(res: dict) -> str:
                   "| method | bc | τ | speedup vs AR | decode-only speedup | bound | ≤ bound | step (ms) | model call (ms) | "
                   "loop overhead | lossless |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in block["runs"]:
-            ci = r.get("decode_speedup_ci")
-            dec = f"{r['decode_speedup']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            dec = with_interval(r["decode_speedup"], r.get("decode_speedup_ci"))
             lines.append(f"| {r['method']} | {r['bc'] or '—'} | {r['tau']:.3f} | {r['speedup']:.3f} | {dec} | {r['bound']:.3f} | "
                          f"{within_bound(r)} | {r['step_ms']:.2f} | {r['model_call_ms']:.2f} | "
                          f"{100 * r['loop_overhead']:+.1f}% | {r['lossless']} |")
@@ -178,11 +174,9 @@ def to_markdown(res: dict) -> str:
 def run_study(args) -> dict:
     t0 = time.time()
     res = {"curves": cost_curves(args), "methods": smollm2_methods(args), "ties": gpu_ties(args)}
-    model, _ = load_model(compose([f"model={args.model}", f"model.device={args.device}"]).model)
-    env = environment(model)
-    _free(model)
-    res["conditions"] = {"command": "python -m experiments.gpu_study " + " ".join(args.argv), "device": env["device_name"],
-                         "torch": env["torch"], "transformers": env["transformers"], "python": platform.python_version(),
+    env = res["methods"][0]["conditions"]  # the bench's record of the device and versions: no model to load again
+    res["conditions"] = {"command": "python -m experiments.gpu_study " + " ".join(args.argv), "device": env["device"],
+                         "torch": env["torch"], "transformers": env["transformers"], "python": env["python"],
                          "git": env["git"], "git_dirty": env["git_dirty"], "model": args.model, "rehearse": args.rehearse,
                          "repeats": args.repeats, "per_task": args.per_task, "max_new_tokens": args.max_new_tokens,
                          "wall_s": time.time() - t0}

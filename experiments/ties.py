@@ -114,6 +114,16 @@ def measure(model, tok, prompts: list[list[int]], n_tokens: int, bc: int, seed: 
     return res
 
 
+def tie_prompts(overrides: list[str], n: int):
+    """(config, model, tokenizer, prompt ids) of a tie measurement: the first turns of the first eval question of
+    each Spec-Bench category, the first `n` of them, with the model the overrides name."""
+    cfg = compose(["task=spec_bench", "task.per_category=1", *overrides])
+    model, tok = load_model(cfg.model)
+    questions = load_questions(cfg.task)[:n]
+    prompts = [chat_ids(tok, [{"role": "user", "content": q.turns[0]}], cfg.model.get("thinking")) for q in questions]
+    return cfg, model, tok, prompts
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model=smollm2_135m model.dtype=bfloat16")
@@ -122,10 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bc", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    cfg = compose(["task=spec_bench", "task.per_category=1", *args.overrides])
-    model, tok = load_model(cfg.model)
-    questions = load_questions(cfg.task)[: args.prompts]
-    prompts = [chat_ids(tok, [{"role": "user", "content": q.turns[0]}], cfg.model.get("thinking")) for q in questions]
+    cfg, model, tok, prompts = tie_prompts(args.overrides, args.prompts)
     res = measure(model, tok, prompts, args.max_new_tokens, args.bc) | {
         "model": cfg.model.name, "dtype": cfg.model.dtype, "device": str(next(model.parameters()).device),
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "bc": args.bc,

@@ -96,37 +96,35 @@ def _json_lines(path: Path) -> list[tuple[int, object]]:
     return out
 
 
-def _question(rec, where: str) -> Question:
+def _question(rec, where) -> Question:
+    """A record as a Question; a malformed one is refused naming `where()` (its file and line, or row)."""
     missing = [k for k in ("question_id", "category", "turns") if rec.get(k) is None] if isinstance(rec, dict) else 0
     if missing != []:
-        raise DataError(f"{where}: expected an object with question_id, category, turns; missing {missing}")
+        raise DataError(f"{where()}: expected an object with question_id, category, turns; missing {missing}")
     turns = rec["turns"]
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise DataError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
+        raise DataError(f"{where()}: 'turns' must be a non-empty list of non-empty strings")
     return Question(rec["question_id"], str(rec["category"]), turns)
 
 
 def read_questions(path: Path) -> list[Question]:
     """The questions of a JSONL prompt file, read with `datasets` (its JSON builder). A file it cannot type
     (a question id that is a number on one line and text on another) is read line by line instead; a
-    malformed record is named by file and line either way."""
+    malformed record is named by file and line either way (blank lines are not rows, so the line is counted
+    from the file only when one is refused)."""
     try:
         import datasets  # a declared dependency; an image without it (the GPU study's machine) reads line by line
 
         rows = list(datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True))
-        lines = None  # numbered only when a record is refused
+        lines = None
     except Exception:  # noqa: BLE001 - datasets raises many kinds; the line reader names the culprit or reads it
         numbered = _json_lines(path)
         rows, lines = [rec for _, rec in numbered], [n for n, _ in numbered]
-    out = []
-    for i, rec in enumerate(rows):
-        try:
-            out.append(_question(rec, f"{path}:{lines[i] if lines else i + 1}"))
-        except DataError:
-            if lines is None:  # name the file's line, not the row: blank lines are not rows
-                lines = [n for n, _ in _json_lines(path)]
-                _question(rec, f"{path}:{lines[i]}")
-            raise
+
+    def line(i: int) -> int:
+        return (lines or [n for n, _ in _json_lines(path)])[i]
+
+    out = [_question(rec, lambda i=i: f"{path}:{line(i)}") for i, rec in enumerate(rows)]
     if not out:
         raise DataError(f"{path}: no questions")
     return out
@@ -140,16 +138,17 @@ def read_hub_questions(name: str, fields: dict, split: str = "train") -> list[Qu
 
     from mtp.models import hub_endpoint, hub_reachable
 
-    offline = not hub_reachable()
+    offline, was_offline = not hub_reachable(), datasets.config.HF_HUB_OFFLINE
     try:
-        if offline:
-            datasets.config.HF_HUB_OFFLINE = True  # the local cache only, without a minute of retries
+        datasets.config.HF_HUB_OFFLINE = was_offline or offline  # unreachable: the local cache only, no retries
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001
         why = (f"the hub ({hub_endpoint()}) is unreachable and the dataset is not in the local datasets cache"
                if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise DataError(f"task.path=hf://{name}: cannot load it ({why}). Download it where the hub is reachable, or "
                         f"export it as JSONL of question_id, category, turns and pass task.path=/path/to/file.jsonl") from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
     unknown = sorted(c for c in fields.values() if c is not None and c not in ds.column_names)
     if unknown:
         raise DataError(f"task.fields names columns {unknown} that hf://{name} lacks (it has {ds.column_names})")
@@ -159,7 +158,7 @@ def read_hub_questions(name: str, fields: dict, split: str = "train") -> list[Qu
         rec = {"question_id": row[fields["question_id"]] if fields.get("question_id") else i,
                "category": row[fields["category"]] if fields.get("category") else name,
                "turns": [turns] if isinstance(turns, str) else turns}
-        out.append(_question(rec, f"hf://{name} row {i}"))
+        out.append(_question(rec, lambda i=i: f"hf://{name} row {i}"))
     return out
 
 

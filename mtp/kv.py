@@ -100,15 +100,16 @@ def new_cache(config, capacity: int) -> DynamicCache:
     return cache
 
 
-def layer_masks(config, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+def layer_masks(config, mask: torch.Tensor, positions: torch.Tensor, cache_len: int):
     """The loop's 4-D additive mask as the model takes it: as is, or for a model with sliding-window layers
     (Gemma 3), one mask per layer type, the sliding layers' also hiding keys `sliding_window` or more positions
-    behind the query (transformers hands a prepared 4-D mask to every layer unchanged). `q_pos` (T,) and
-    `k_pos` (K,) are the positions of the mask's rows and columns."""
+    behind the query (transformers hands a prepared 4-D mask to every layer unchanged). The mask's rows are
+    the fed rows at `positions` (T,); its columns are the `cache_len` cached positions 0.. and then those rows."""
     window = getattr(config, "sliding_window", None)
     if not window or "sliding_attention" not in set(getattr(config, "layer_types", None) or ()):
         return mask
-    far = (q_pos[:, None] - k_pos[None, :]) >= window
+    k_pos = torch.cat([torch.arange(cache_len, device=positions.device), positions])
+    far = (positions[:, None] - k_pos[None, :]) >= window
     return {"full_attention": mask, "sliding_attention": mask.masked_fill(far, torch.finfo(mask.dtype).min)}
 
 

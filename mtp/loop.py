@@ -319,6 +319,7 @@ class Decoder:
         local = block.layout.additive(self.dtype, self.device)  # converted once for a static layout
         mask = torch.cat([torch.zeros(T, cache_len, dtype=self.dtype, device=self.device), local], dim=1)
         position_ids = (block.depth.to(self.device) + cache_len)[None]
+        masks = layer_masks(self.model.config, mask[None, None], position_ids[0], cache_len)
         ids = block.ids.to(self.device)
         if block.embeds is None:
             kw = {"input_ids": ids[None]}
@@ -326,8 +327,6 @@ class Decoder:
             kw = {"inputs_embeds": torch.cat([self.embed(ids), block.embeds.to(self.dtype)])[None]}
         self._sync()
         t0 = time.perf_counter()
-        k_pos = torch.cat([torch.arange(cache_len, device=self.device), position_ids[0]])
-        masks = layer_masks(self.model.config, mask[None, None], position_ids[0], k_pos)
         out = self.model(**kw, attention_mask=masks, position_ids=position_ids, **with_cache(self.model, cache))
         logits = out.logits[0].float()
         self._sync()
@@ -405,7 +404,7 @@ def bare_forward_s(model, cache_len: int, n_tokens: int, repeats: int, grad_mode
         local = torch.full((n_tokens, n_tokens), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
         mask = torch.cat([torch.zeros(n_tokens, cache_len, dtype=dtype, device=device), local], 1)[None, None]
         pos = torch.arange(cache_len, cache_len + n_tokens, device=device)[None]
-        masks = layer_masks(model.config, mask, pos[0], torch.arange(cache_len + n_tokens, device=device))
+        masks = layer_masks(model.config, mask, pos[0], cache_len)
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
             sync(device)

@@ -93,7 +93,8 @@ def environment(model) -> dict:
 
 def first_difference(model, prompt_ids: list[int], ids: list[int], ar_ids: list[int]) -> dict | None:
     """First position where a method's output leaves AR's (a length difference counts), with the
-    top-2 logit gap of the model at that position (a near-tie shows as a tiny gap)."""
+    top-2 logit gap of the model at that position (a near-tie shows as a tiny gap) and the divergence's
+    class in the model's dtype (`mtp.lossless.classify`: a numeric tie or a defect)."""
     pos = first_mismatch(ids, ar_ids)
     if pos is None:
         return None
@@ -101,13 +102,14 @@ def first_difference(model, prompt_ids: list[int], ids: list[int], ar_ids: list[
     with torch.inference_mode():
         logits = model(torch.tensor([prompt_ids + ar_ids[:pos]], device=device)).logits[0, -1].float()
     top2 = torch.topk(logits, 2)
-    return {
+    diff = {
         "position": pos,
         "method_token": ids[pos] if pos < len(ids) else None,
         "ar_token": ar_ids[pos] if pos < len(ar_ids) else None,
         "top2_tokens": top2.indices.tolist(),
         "top2_gap": float(top2.values[0] - top2.values[1]),
     }
+    return diff | {"class": classify(diff, str(next(model.parameters()).dtype).removeprefix("torch."))}
 
 
 def _gen_fields(g: Generation, prefix: str = "") -> dict:
@@ -345,11 +347,9 @@ def run_turn(cfg, model, decoder, drafter, ar, ids, ar_ids) -> dict:
             rec |= {"lossless_check": "distribution", "matches_ar": None, "first_diff": None}
             return rec
         if ids != ar_ids:
-            diff = {"position": None, "reason": "prompt differs (an earlier turn diverged)"}
+            diff = {"position": None, "reason": "prompt differs (an earlier turn diverged)", "class": "after_divergence"}
         else:
             diff = first_difference(model, ids, g.new_ids, g_ar.new_ids)
-        if diff is not None:
-            diff["class"] = classify(diff, cfg.model.dtype)
         rec["matches_ar"] = diff is None
         rec["first_diff"] = diff
     return rec
