@@ -202,7 +202,7 @@ class Lookahead(Drafter):
             return None
         return self.embed(torch.tensor(self.rows[0], device=self.embed.weight.device))
 
-    def observe_prefill(self, probe_logits, root: int) -> None:
+    def observe_prefill(self, probe_logits, root: int, root_logits) -> None:
         if probe_logits is not None:  # row 0 rode along the prefill: its argmaxes are row 1 (a warm-up step)
             self._advance([None] + probe_logits.argmax(-1).tolist())
         self._commit([root])

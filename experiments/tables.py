@@ -15,9 +15,11 @@ import pandas as pd
 from experiments import paper
 from mtp.lossless import lossless_label
 
-METHOD_ORDER = ["ar", "pld", "stand", "lade", "recycling", "esp", "esp_dynamic", "esp_plus"]
-METHOD_LABEL = {"ar": "AR", "pld": "PLD", "stand": "STAND", "lade": "LADE", "recycling": "Recycling", "esp": "ESP",
-                "esp_dynamic": "ESP-dyn", "esp_plus": "ESP+"}
+METHOD_ORDER = ["ar", "pld", "stand", "lade", "recycling", "suffix", "sam", "sam_tr", "logitspec", "esp", "esp_dynamic",
+                "esp_plus"]
+METHOD_LABEL = {"ar": "AR", "pld": "PLD", "stand": "STAND", "lade": "LADE", "recycling": "Recycling", "suffix": "Suffix",
+                "sam": "SAM", "sam_tr": "SAM+TR", "logitspec": "LogitSpec", "esp": "ESP", "esp_dynamic": "ESP-dyn",
+                "esp_plus": "ESP+"}
 TASK_ORDER = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
 
 

@@ -130,7 +130,7 @@ class ESP(Drafter):
         """Init the masks from the prompt and return them: the prefill is [prompt | m x k]."""
         return self.masks.start(prompt_ids)
 
-    def observe_prefill(self, probe_logits: torch.Tensor, root: int) -> None:
+    def observe_prefill(self, probe_logits: torch.Tensor, root: int, root_logits: torch.Tensor) -> None:
         self.mask_logits = probe_logits  # (k, V): mask j proposes depth j under the first root
         self.masks.update([root])
 

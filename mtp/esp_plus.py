@@ -167,7 +167,7 @@ class ESPPlus(Drafter):
         self.mask_logits = None
         return self.masks.start(prompt_ids) if self.use_esp else None
 
-    def observe_prefill(self, probe_logits: torch.Tensor | None, root: int) -> None:
+    def observe_prefill(self, probe_logits: torch.Tensor | None, root: int, root_logits: torch.Tensor) -> None:
         if self.use_esp:
             self.mask_logits = probe_logits  # (k, V): mask j proposes depth j under the first root
             self.masks.update([root])

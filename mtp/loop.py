@@ -130,8 +130,9 @@ class Drafter:
         (P, H) to append to the prefill forward (ESP's masks), or None."""
         return None
 
-    def observe_prefill(self, probe_logits: torch.Tensor | None, root: int) -> None:
-        """The prefill's probe-row logits (P, V) and the first generated token (the first root)."""
+    def observe_prefill(self, probe_logits: torch.Tensor | None, root: int, root_logits: torch.Tensor) -> None:
+        """The prefill's probe-row logits (P, V), the first generated token (the first root) and the logit
+        row (V,) it came from (the prompt's last position; LogitSpec drafts from it)."""
 
     def propose(self, tokens: list[int]) -> Block:
         """A block rooted at tokens[-1] (prompt + committed so far; the root is not cached yet)."""
@@ -264,7 +265,7 @@ class Decoder:
         gen.prefill_s = time.perf_counter() - t0
         logits = out.logits[0].float()
         root = self._pick(logits[t - 1])
-        drafter.observe_prefill(logits[t:] if probes is not None else None, root)
+        drafter.observe_prefill(logits[t:] if probes is not None else None, root, logits[t - 1])
         tokens = list(prompt_ids) + [root]
         gen.new_ids.append(root)
         if root in self.eos:

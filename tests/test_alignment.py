@@ -20,9 +20,9 @@ def test_teacher_forced_masks_equal_the_decoders_root_masks(tiny, one_thread, la
     seen = {}  # slot -> logits of mask 1 of the root in the decoder's forward
 
     class Recording(ESP):
-        def observe_prefill(self, probe_logits, root):
+        def observe_prefill(self, probe_logits, root, root_logits):
             seen[len(self._prompt)] = probe_logits[0].clone()
-            super().observe_prefill(probe_logits, root)
+            super().observe_prefill(probe_logits, root, root_logits)
 
         def start(self, prompt_ids):
             self._prompt = list(prompt_ids)

@@ -192,7 +192,7 @@ def test_worked_example():
     d = Lookahead(bc=10, N=3, W=3, G=2)
     assert d.min_bc == 10  # root + window: 4 (warm-up) / 6 (full); trie <= (N-1)G = 4
     d.start([5, 5, 5])
-    d.observe_prefill(None, 1)
+    d.observe_prefill(None, 1, None)
     assert d.rows == [[5, 5, 5]] and d.pool == {}
 
     # step 1 (warm-up): [root 1 | row0 5 5 5], a causal chain at positions p..p+3
@@ -249,7 +249,7 @@ def test_pool_from_prompt_and_lru():
     d = Lookahead(bc=10, N=3, W=3, G=2, pool_from_prompt=True)
     d.start([1, 2, 3, 1, 2, 4, 1, 2, 3])
     assert d.pool == {1: [(2, 4), (2, 3)], 2: [(3, 1), (4, 1)], 3: [(1, 2)], 4: [(1, 2)]}
-    d.observe_prefill(None, 1)  # the committed token's n-gram (2, 3, 1) joins, as most recent
+    d.observe_prefill(None, 1, None)  # the committed token's n-gram (2, 3, 1) joins, as most recent
     assert d.pool[2] == [(4, 1), (3, 1)]
     b = d.propose([1, 2, 3, 1, 2, 4, 1, 2, 3, 1])
     assert b.ids.tolist()[:4] == [1, 2, 4, 3] and b.parents == [-1, 0, 1, 1]  # shared prefix 2 fed once

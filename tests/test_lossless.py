@@ -102,7 +102,7 @@ def test_every_method_in_bf16_on_the_tiny_models_is_exact_or_numeric_ties(model_
     base = [f"model={model_name}", "model.dtype=bfloat16", "max_new_tokens=16", "bc=30"]
     model, tok = load_model(compose_cfg(base).model)
     decoder = Decoder(model, stop_ids(model, tok))
-    for method in ("esp", "pld", "lade", "stand", "recycling", "esp_plus"):
+    for method in ("esp", "pld", "lade", "stand", "recycling", "suffix", "sam", "sam_tr", "logitspec", "esp_plus"):
         cfg = compose_cfg(base + [f"method={method}"])
         drafter = build_drafter(cfg)
         drafter.setup(model)

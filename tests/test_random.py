@@ -17,7 +17,7 @@ from .conftest import compose_cfg
 from .test_loop import chi2_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-METHODS = ["pld", "lade", "stand", "recycling", "esp", "esp_dynamic", "esp_plus"]
+METHODS = ["pld", "lade", "stand", "recycling", "suffix", "sam", "sam_tr", "logitspec", "esp", "esp_dynamic", "esp_plus"]
 WORDS = "the sea a cat sat on mat and then one two three red blue x y z".split()
 NEAR_TIE = 1e-3  # a greedy divergence is only accepted at a top-2 logit gap below this (fp32 noise)
 

@@ -75,7 +75,7 @@ def test_every_method_is_ar_on_a_sliding_window_model(gemma, bc):
     model, _, prompts = gemma
     decoder = Decoder(model, [])
     ar = [decoder.generate(Drafter(), ids, 24).new_ids for ids in prompts]
-    for method in ("esp", "esp_dynamic", "esp_plus", "pld", "lade", "stand", "recycling"):
+    for method in ("esp", "esp_dynamic", "esp_plus", "pld", "lade", "stand", "recycling", "suffix", "sam", "sam_tr", "logitspec"):
         drafter = build_drafter(compose_cfg(["model=tiny_gemma3", f"method={method}", f"bc={bc}"]))
         drafter.setup(model)
         for ids, ref in zip(prompts, ar):
@@ -95,7 +95,7 @@ def test_gemma3_270m_from_pypi_every_method_is_ar():
     assert len(ids) > model.config.sliding_window  # the window matters on this prompt
     decoder = Decoder(model, [])
     ar = decoder.generate(Drafter(), ids, 12).new_ids
-    for method in ("esp", "esp_plus", "pld", "lade", "stand", "recycling"):
+    for method in ("esp", "esp_plus", "pld", "lade", "stand", "recycling", "suffix", "sam", "sam_tr", "logitspec"):
         drafter = build_drafter(compose_cfg(["model=gemma3_270m", f"method={method}", "bc=30"]))
         drafter.setup(model)
         assert decoder.generate(drafter, ids, 12).new_ids == ar, method

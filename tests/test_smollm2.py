@@ -3,10 +3,13 @@ prompts at bc 30, tokens per forward within bc, and τ > 1 where the method draf
 
 import pytest
 
+from baselines.logitspec import LogitSpec
 from baselines.lookahead import Lookahead
 from baselines.pld import PromptLookup
 from baselines.recycling import TokenRecycling
+from baselines.sam import SAMDecoding, SAMWithRecycling
 from baselines.stand import Stand
+from baselines.suffix import SuffixDecoding
 from mtp.esp import ESP
 from mtp.esp_plus import ESPPlus
 from mtp.loop import Drafter
@@ -19,6 +22,10 @@ METHODS = {  # name -> (drafter at bc 30, smallest pooled τ expected on these p
     "recycling": (lambda: TokenRecycling(bc=30), 1.0),
     "pld": (lambda: PromptLookup(bc=30), 1.0),
     "lade": (lambda: Lookahead(bc=30), 1.0),
+    "suffix": (lambda: SuffixDecoding(bc=30), 1.0),
+    "sam": (lambda: SAMDecoding(bc=30), 1.0),
+    "sam_tr": (lambda: SAMWithRecycling(bc=30, model_name="smollm2_135m"), 1.0),
+    "logitspec": (lambda: LogitSpec(bc=30), 1.0),
     "esp_plus": (lambda: ESPPlus(bc=30), 1.6),  # Token Recycling: 1.48 on these prompts
 }
 
