@@ -55,24 +55,31 @@ class MaskEmbeddings:
         self.ood_sigmas, self.seed = ood_sigmas, seed
 
     def setup(self, model) -> None:
-        """The model's input-embedding table and its per-dimension mean and std."""
-        self.table = model.get_input_embeddings().weight.detach()
-        self.mu = self.table.float().mean(0)
-        self.sigma = self.table.float().std(0)
+        """The model's input-embedding table, the scale its embedding layer multiplies rows by (Gemma's
+        sqrt(hidden) `embed_scale`; 1 for most models), and the scaled table's per-dimension mean and std.
+        The masks live where the model's input rows live: in the scaled space."""
+        embed = model.get_input_embeddings()
+        self.table = embed.weight.detach()
+        self.scale = float(getattr(embed, "embed_scale", 1.0))
+        self.mu = self.table.float().mean(0) * self.scale
+        self.sigma = self.table.float().std(0) * self.scale
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids), H) fp32: the input rows the model's embedding layer gives these tokens."""
+        return self.table[torch.tensor(ids, device=self.table.device)].float() * self.scale
 
     def start(self, prompt_ids: list[int]) -> torch.Tensor:
         """Initialise the masks from the prompt; returns them as (k, H) rows in the model's dtype."""
         k, table = self.k, self.table
         if self.init == "mean":
-            m = table[torch.tensor(prompt_ids, device=table.device)].float().mean(0).expand(k, -1)
+            m = self.embed(prompt_ids).mean(0).expand(k, -1)
         elif self.init == "last_k":  # m_i = e_{t-k+i}
             last = prompt_ids[-k:] if len(prompt_ids) >= k else [prompt_ids[0]] * (k - len(prompt_ids)) + prompt_ids
-            m = table[torch.tensor(last, device=table.device)].float()
+            m = self.embed(last)
         elif self.init == "recent":  # context-weighted: the latest prompt tokens weigh most
-            ids = torch.tensor(prompt_ids, device=table.device)
             age = torch.arange(len(prompt_ids) - 1, -1, -1, device=table.device, dtype=torch.float)
             w = torch.exp(-age / self.init_window)
-            m = ((w[:, None] * table[ids].float()).sum(0) / w.sum()).expand(k, -1)
+            m = ((w[:, None] * self.embed(prompt_ids)).sum(0) / w.sum()).expand(k, -1)
         elif self.init == "sample":
             g = torch.Generator(device=table.device).manual_seed(self.seed)
             m = (self.mu + self.sigma * torch.randn(self.mu.shape, generator=g, device=table.device)).expand(k, -1)
@@ -85,7 +92,7 @@ class MaskEmbeddings:
     def update(self, committed: list[int]) -> None:
         """Move the masks towards the committed tokens' embeddings (all of them, in order, or the last)."""
         tokens = committed if self.ema == "token" else committed[-1:]
-        e = self.table[torch.tensor(tokens, device=self.table.device)].float()
+        e = self.embed(tokens)
         lam = self.lam
         if self.depth_lam:
             lam = self.lam / torch.arange(1, self.k + 1, device=e.device, dtype=torch.float)[:, None]

@@ -60,7 +60,7 @@ def test_a_mask_equal_to_the_true_token_is_perfectly_aligned(tiny, one_thread):
     masks = drafter.masks
 
     def probe(ids):  # the mask state of slot t is e(x_{t}), the embedding of that slot's true token
-        masks.vectors = masks.table[new[0]][None].float().clone()
+        masks.vectors = masks.embed([new[0]]).clone()
         return masks.rows(1)
 
     masks.start = probe

@@ -99,3 +99,24 @@ def test_gemma3_270m_from_pypi_every_method_is_ar():
         drafter = build_drafter(compose_cfg(["model=gemma3_270m", f"method={method}", "bc=30"]))
         drafter.setup(model)
         assert decoder.generate(drafter, ids, 12).new_ids == ar, method
+
+
+@pytest.mark.parametrize("init", ["mean", "last_k"])
+def test_masks_live_in_the_scaled_input_space(gemma, init):
+    """Gemma multiplies embedding rows by sqrt(hidden): ESP's masks are built from the rows the model is fed
+    (a mask of init last_k is exactly the embedding layer's output for those tokens), not from the raw table."""
+    from mtp.masks import MaskEmbeddings
+
+    model, _, prompts = gemma
+    embed = model.get_input_embeddings()
+    assert float(embed.embed_scale) != 1.0
+    masks = MaskEmbeddings(k=2, init=init)
+    masks.setup(model)
+    rows = masks.start(prompts[0])
+    with torch.inference_mode():
+        fed = embed(torch.tensor(prompts[0]))
+    want = fed[-2:] if init == "last_k" else fed.float().mean(0).expand(2, -1)
+    torch.testing.assert_close(rows.float(), want.float(), atol=1e-5, rtol=1e-5)
+    masks.update([prompts[0][0]])
+    torch.testing.assert_close(masks.vectors[0], want[0].float() + masks.lam * (fed[0].float() - want[0].float()),
+                               atol=1e-5, rtol=1e-5)
