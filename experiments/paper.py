@@ -25,3 +25,15 @@ TABLE5 = {"mean": {"llama3_2_3b": 1.67, "llama3_8b": 1.71}, "sample": {"llama3_2
 TABLE4 = {"naive": {"llama3_2_3b": 0.96, "llama3_8b": 1.07}, "efficient": {"llama3_2_3b": 1.22, "llama3_8b": 1.38}}
 # Table 2: dynamic vs best static at bc 60 (the paper does not state the model)
 TABLE2_BC60 = {"dynamic": 1.630, "best static": 1.631}
+
+# The rivals' own published Spec-Bench figures (their model and GPU, greedy, batch 1), for the extended Table 1:
+# (method, source, model, hardware) -> (τ = mean accepted tokens per step, speedup). Only figures the references
+# state for Spec-Bench; see ../shared/docs/RIVALS.md for what was read where. Not given here: SuffixDecoding
+# (its Spec-Bench figures were not verified) and LogitSpec (its abstract's 3.28 tokens / 2.61x are maxima over
+# several benchmarks, not a Spec-Bench figure).
+RIVALS_SPEC_BENCH = {
+    ("pld", "SAM-Decoding README", "Vicuna-7B-v1.3", "RTX A6000"): (1.75, 1.56),
+    ("recycling", "SAM-Decoding README", "Vicuna-7B-v1.3", "RTX A6000"): (2.83, 1.84),
+    ("sam", "SAM-Decoding README", "Vicuna-7B-v1.3", "RTX A6000"): (2.30, 1.84),
+    ("sam_tr", "SAM-Decoding README", "Vicuna-7B-v1.3", "RTX A6000"): (3.03, 2.27),
+}

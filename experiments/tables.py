@@ -77,6 +77,23 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def table1_references(runs: pd.DataFrame) -> pd.DataFrame:
+    """The rivals' own published Spec-Bench figures (experiments/paper.py: their model and GPU) beside this
+    harness's τ for the same method at each (model, bc) of the table1 sweep."""
+    df = ok_runs(runs, ["table1"])
+    if df.empty:
+        return pd.DataFrame()
+    rows = []
+    for (method, source, model, hardware), (tau, speedup) in paper.RIVALS_SPEC_BENCH.items():
+        row = {"method": METHOD_LABEL.get(method, method), "published τ": tau, "published speedup": speedup,
+               "published on": f"{model}, {hardware} ({source})"}
+        for (m, bc), g in df[df.method == method].groupby(["model", "bc"], sort=True):
+            last = g.iloc[-1]
+            row[f"τ {m} bc{bc}"] = with_ci(last.tau, _ci(last, "tau"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def per_task_tau(runs: pd.DataFrame, groups=("fig4", "table1", "table6_calls", "bc120")) -> pd.DataFrame:
     """Figure 4/5 data: τ per task, with its interval (lo, hi), for every (model, method, bc); every job when
     `groups` is None."""
@@ -249,6 +266,7 @@ TABLES = {
     "jobs": jobs,
     "per_task_tau": lambda runs: per_task_table(per_task_tau(runs, None)),
     "table1": table1,
+    "table1_references": table1_references,
     "fig4_per_task_tau": lambda runs: per_task_table(per_task_tau(runs)),
     "table2_dynamic": table2_dynamic,
     "table3_masks": table3_masks,

@@ -202,3 +202,22 @@ def test_logitspec_drafts_from_the_row_of_the_last_accepted_node():
     step = Step(chain_block([3, 4, 5]), logits, [0, 1, 2], [4, 5, 7])
     d.observe(step)
     assert int(d.last.argmax()) == 7
+
+
+def test_published_figures_sit_beside_our_tau():
+    """The extended Table 1's references: each rival's published Spec-Bench τ and speedup, its model and GPU,
+    and this harness's τ for the same method at each bc of the table1 sweep (blank where it did not run)."""
+    import pandas as pd
+
+    from experiments import paper
+    from experiments.tables import table1_references
+
+    runs = pd.DataFrame([
+        {"status": "ok", "group": "table1", "model": "smollm2_135m", "method": "sam_tr", "bc": 30, "tau": 1.5,
+         "ci": {"tau": [1.4, 1.6]}},
+        {"status": "ok", "group": "table1", "model": "smollm2_135m", "method": "esp", "bc": 30, "tau": 1.2, "ci": None},
+    ])
+    df = table1_references(runs).set_index("method")
+    assert len(df) == len(paper.RIVALS_SPEC_BENCH)
+    assert df.loc["SAM+TR", "published τ"] == 3.03 and df.loc["SAM+TR", "τ smollm2_135m bc30"] == "1.500 [1.400, 1.600]"
+    assert pd.isna(df.loc["PLD", "τ smollm2_135m bc30"]) and "Vicuna-7B" in df.loc["SAM", "published on"]
