@@ -1,6 +1,6 @@
-"""LogitSpec (Liu et al., "LogitSpec: Accelerating Retrieval-based Speculative Decoding via Next Next Token
-Speculation", 2025; reference code smart-lty/LogitSpec): the logit row that predicts the next token (the
-root) also ranks plausible next-next tokens, and retrieval keyed on both finds their continuations.
+"""LogitSpec (arXiv 2507.01449, 2025; reference code smart-lty/LogitSpec): the logit row that predicts the
+next token (the root) also ranks plausible next-next tokens, and retrieval keyed on both finds their
+continuations.
 
 A pool maps every n-gram (n = 1 .. max_ngram_size) of the text so far to the up to num_pred_tokens tokens
 that followed it (the latest occurrence with a continuation at least as long; keys at the very end of the

@@ -1,7 +1,6 @@
-"""SAM-Decoding (Hu et al., "SAM Decoding: Speculative Decoding via Suffix Automaton", ACL 2025; reference
-code hyx1999/SAM-Decoding): a suffix automaton over the text so far finds, in O(1) amortised per token,
-the longest suffix of the text that occurred earlier; the draft is the chain that followed its first
-occurrence.
+"""SAM-Decoding (Hu et al., arXiv 2411.10666, ACL 2025; reference code hyx1999/SAM-Decoding): a suffix
+automaton over the text so far finds, in O(1) amortised per token, the longest suffix of the text that
+occurred earlier; the draft is the chain that followed its first occurrence.
 
 The automaton (`SuffixAutomaton`) is built over the prompt at the start of each generation and extended
 with every committed token except the pending root. A match state (state, length) is advanced before each

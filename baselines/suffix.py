@@ -1,6 +1,5 @@
-"""SuffixDecoding (Oliaro et al., "SuffixDecoding: Extreme Speculative Decoding for Emerging AI
-Applications", NeurIPS 2025; reference code: snowflakedb/ArcticInference `csrc/suffix_decoding/`, vLLM's
-`suffix` speculative method).
+"""SuffixDecoding (Oliaro et al., arXiv 2411.04975, NeurIPS 2025; reference code:
+snowflakedb/ArcticInference `csrc/suffix_decoding/`, vLLM's `suffix` speculative method).
 
 Two suffix trees, each holding every substring of length <= `max_depth` (D) of its sequences with its
 number of occurrences:
