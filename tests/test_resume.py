@@ -71,3 +71,16 @@ def test_records_of_other_code_are_not_silently_kept(tmp_path):
         run_any(compose_cfg(overrides), tmp_path)
     summary, _ = run_any(compose_cfg(overrides + ["+force=true"]), tmp_path)  # the recorded job, kept
     assert summary["n_turns"] == first["n_turns"] and summary["fingerprint"] == first["fingerprint"]
+
+
+def test_a_forced_rerun_of_a_sweep_resumes_in_the_same_folders(tmp_path):
+    """+force=true (keep records of another commit) does not rename a sweep's job folders: the rerun finds
+    and resumes the jobs it names."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "run.py", "experiment=fig4", "model=tiny_llama", "method=pld", "bc=10", "task.limit=1",
+            "max_new_tokens=4", "wandb.mode=disabled", f"hydra.sweep.dir={sweep}"]
+    for extra in ([], ["+force=true"]):
+        p = subprocess.run(args + extra, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+    jobs = [d.name for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert len(jobs) == 1 and "force" not in jobs[0], jobs
