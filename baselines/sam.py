@@ -98,17 +98,20 @@ class SuffixAutomaton:
         self.first_end.append(first_end)
         return len(self.length) - 1
 
-    def draft(self, root: int, n: int) -> tuple[int, list[int]]:
-        """(match length of text + root, up to n - 1 tokens that followed the match's first occurrence),
-        after `to_anc`'s back-off to a shorter match whose first occurrence leaves n - 1 tokens."""
-        state, length = self.transfer(*self.match, root)
+    def match_root(self, root: int) -> tuple[int, int]:
+        """The match (state, length) of text + root, the automaton left as it is."""
+        return self.transfer(*self.match, root)
+
+    def copy(self, state: int, length: int, n: int) -> list[int]:
+        """Up to n - 1 tokens that followed the first occurrence of the match (state, length), after `to_anc`'s
+        back-off to a shorter match whose first occurrence leaves n - 1 tokens."""
         if length == 0 or n <= 1:
-            return length, []
+            return []
         N = len(self.text)
         while self.link[state] > 0 and n > N - self.first_end[state]:
             state = self.link[state]
         start = self.first_end[state] + 1
-        return length, self.text[start : start + n - 1]
+        return self.text[start : start + n - 1]
 
 
 class SAMDecoding(Drafter):
@@ -133,9 +136,9 @@ class SAMDecoding(Drafter):
 
     def propose(self, tokens: list[int]) -> Block:
         self._catch_up(tokens)
-        length, _ = self.sam.draft(tokens[-1], 1)
+        state, length = self.sam.match_root(tokens[-1])
         n = min(self.max_predicts, 1 + int(self.alpha * length), self.bc)
-        return chain_block([tokens[-1]] + self.sam.draft(tokens[-1], n)[1])
+        return chain_block([tokens[-1]] + self.sam.copy(state, length, n))
 
 
 class SAMWithRecycling(SAMDecoding):
@@ -160,9 +163,9 @@ class SAMWithRecycling(SAMDecoding):
 
     def propose(self, tokens: list[int]) -> Block:
         self._catch_up(tokens)
-        length, chain = self.sam.draft(tokens[-1], min(self.n_predicts, self.bc))
+        state, length = self.sam.match_root(tokens[-1])
         if length >= self.len_threshold:
-            return chain_block([tokens[-1]] + chain)
+            return chain_block([tokens[-1]] + self.sam.copy(state, length, min(self.n_predicts, self.bc)))
         return self.recycling.propose(tokens)
 
     def observe(self, step: Step) -> None:

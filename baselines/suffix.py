@@ -30,7 +30,7 @@ import heapq
 import math
 
 from mtp.errors import ConfigError
-from mtp.loop import Block, Drafter, Step, tree_block
+from mtp.loop import Block, Drafter, tree_block
 
 
 class SuffixTrie:
@@ -117,7 +117,7 @@ class SuffixDecoding(Drafter):
                  min_token_prob: float = 0.1, global_tree: bool = True):
         if max_depth < 2 or max_spec_factor <= 0 or not 0 <= min_token_prob <= 1:
             raise ConfigError("method.max_depth must be >= 2, max_spec_factor > 0, min_token_prob in [0, 1]")
-        self.bc, self.max_depth = bc, max_depth
+        self.max_depth = max_depth
         self.max_spec_tokens = bc - 1
         self.options = (max_spec_factor, max_spec_offset, min_token_prob)
         self.use_global = global_tree
@@ -129,7 +129,7 @@ class SuffixDecoding(Drafter):
         self.local = SuffixTrie(self.max_depth)
         self.local.extend(prompt_ids)
         self.global_trie.start_sequence()  # a new response
-        self.n_prompt = self.seen = len(prompt_ids)
+        self.seen = len(prompt_ids)
         return None
 
     def _catch_up(self, tokens: list[int]) -> None:
@@ -149,6 +149,3 @@ class SuffixDecoding(Drafter):
                 draft = other
         _, _, drafts, parents = draft
         return tree_block([tokens[-1]] + drafts, [-1] + [p + 1 for p in parents])
-
-    def observe(self, step: Step) -> None:
-        """Nothing to learn from the logits: the trees take the committed tokens at the next proposal."""

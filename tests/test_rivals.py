@@ -117,7 +117,8 @@ def test_suffix_automaton_matches_brute_force():
         # drafting with a root: the match of text + [root] and the copy after its first occurrence
         root = rng.randrange(3)
         full = text + [root]
-        length, chain = sam.draft(root, 5)
+        state, length = sam.match_root(root)
+        chain = sam.copy(state, length, 5)
         assert length == longest_earlier_suffix(full) or (length == 0 and longest_earlier_suffix(full) == 0)
         if length:
             first = next(i for i in range(len(text)) if text[max(0, i - length + 1) : i + 1] == full[-length:]
@@ -131,7 +132,8 @@ def test_sam_backs_off_to_a_match_with_room_to_copy():
     text = [3, 7, 7, 7, 1, 2]
     sam = SuffixAutomaton()
     sam.extend(text)
-    length, chain = sam.draft(3, 4)
+    state, length = sam.match_root(3)
+    chain = sam.copy(state, length, 4)
     assert length == 1 and chain == [7, 7, 7]
 
 
