@@ -146,6 +146,17 @@ def table1_claims(runs: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def bc_claims(runs: pd.DataFrame) -> list[dict]:
+    """Table 1: ESP's τ rises from bc 30 to bc 60 (a larger block buys a wider tree), on the same turns."""
+    rows = []
+    ref = {bc: paper.TABLE1[("llama3_8b", bc)]["esp"][0] for bc in (30, 60)}
+    for model, g in _sweeps(ok_runs(runs, ["table1"]), "model"):
+        rows.append(claim_row("ESP τ rises with bc (Table 1)", _paper_ratio(ref[60], ref[30], "Llama-3.1-8B"),
+                              "ESP τ bc 60 / bc 30", model, "30 → 60",
+                              _ratio(_one(g, method="esp", bc=60), _one(g, method="esp", bc=30)), "gt"))
+    return rows
+
+
 def table3_claims(runs: pd.DataFrame) -> list[dict]:
     """Table 3: three masks per token hurt against one or two (bc 60)."""
     rows = []
@@ -272,8 +283,8 @@ def findings(runs: pd.DataFrame, alignment: list[dict] = ()) -> pd.DataFrame:
     """The findings table: a row per claim and setting that the runs present can test."""
     rows = []
     if not runs.empty:
-        for claims in (table1_claims, table3_claims, table5_claims, table2_claims, pruner_claims, table4_claims,
-                       copy_task_claims):
+        for claims in (table1_claims, bc_claims, table3_claims, table5_claims, table2_claims, pruner_claims,
+                       table4_claims, copy_task_claims):
             rows += claims(runs)
     rows += alignment_claims(list(alignment))
     rows = [r for r in rows if r]

@@ -48,16 +48,39 @@ def methods_in(df) -> list[str]:
     return [m for m in METHOD_ORDER if m in present] + sorted(m for m in present if m not in METHOD_ORDER)
 
 
+def self_repetition(records: list[dict], n: int = 4) -> float | None:
+    """The share of the AR outputs' n-grams that repeat an earlier n-gram of the same output, pooled over turns:
+    how much the model's greedy text copies itself, which is what copy drafters (PLD, SuffixDecoding, SAM)
+    draft from. None when no record has AR's output."""
+    repeated = total = 0
+    for r in records:
+        ids = r.get("ar_ids") or (r.get("ids") if r.get("method") == "ar" else None)
+        if not ids:
+            continue
+        seen = set()
+        for i in range(n, len(ids) + 1):
+            gram = tuple(ids[i - n:i])
+            repeated += gram in seen
+            total += 1
+            seen.add(gram)
+    return repeated / total if total else None
+
+
 def table1(runs: pd.DataFrame) -> pd.DataFrame:
     """τ and S/R per method, a row per (model, bc): ours, then the paper's published rows at the same bcs
-    (every paper model, so a model the paper did not run still sits beside the paper's numbers)."""
+    (every paper model, so a model the paper did not run still sits beside the paper's numbers). "AR
+    4-gram repeats" is `self_repetition` of the AR outputs of the row's turns: a model whose greedy text loops
+    hands copy drafters their acceptances."""
+    from experiments.results import job_records
+
     df = ok_runs(runs, ["table1"])
     if df.empty:
         return pd.DataFrame()
     methods = methods_in(df)
     rows = []
     for (model, bc), g in df.groupby(["model", "bc"], sort=True):
-        row = {"source": "ours", "model": model, "bc": bc}
+        rep = self_repetition(job_records(g.iloc[0]))
+        row = {"source": "ours", "model": model, "bc": bc, "AR 4-gram repeats": None if rep is None else round(rep, 3)}
         for m in methods:
             r = g[g.method == m]
             label = METHOD_LABEL.get(m, m)

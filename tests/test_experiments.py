@@ -134,3 +134,13 @@ def test_two_runs_that_differ_in_one_option_are_two_rows(tmp_path):
     run_any(compose_cfg(base + ["method.momentum=0.5"]), tmp_path / "c")  # the same job again: the newest wins
     runs = load_runs(tmp_path)
     assert len(runs) == 2 and (tmp_path / "c").as_posix() in set(runs.dir)
+
+
+def test_self_repetition_counts_the_ar_outputs_repeated_ngrams():
+    from experiments.tables import self_repetition
+
+    # 4-grams of 1 2 3 4 1 2 3 4 5: 1234 2341 3412 4123 1234 2345 -> one of six repeats an earlier one
+    assert self_repetition([{"method": "esp", "ids": [9] * 9, "ar_ids": [1, 2, 3, 4, 1, 2, 3, 4, 5]}]) == 1 / 6
+    # pooled over turns, each turn's n-grams seen only within it; an AR job's own ids are AR's output
+    assert self_repetition([{"method": "ar", "ids": [7] * 6}, {"method": "ar", "ids": [1, 2, 3, 4]}]) == 2 / 4
+    assert self_repetition([{"method": "esp", "ids": [1, 2, 3, 4, 1, 2, 3, 4]}]) is None  # no AR output recorded
